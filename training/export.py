@@ -1,0 +1,154 @@
+"""Export a trained checkpoint as a released model: `python -m training.export --checkpoint best.pt --out DIR`.
+
+Writes into DIR: `model.onnx` (FP32), `model-int8.onnx` (static INT8, calibrated on training cells),
+and `card.json` with the operating points chosen on the validation split (never the test split), the
+parity figure, provenance and licence. `--evaluate` then scores both files on the test split and puts
+the metrics in the card and a report beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datasets.elpv import DatasetError, elpv_root, load_elpv, read_labels, split_file_sha256, split_indices
+from model.card import CardError, InputSpec, ModelCard, OperatingPoints, TensorSpec, write_card
+from model.network import WeightsError
+from model.onnx_export import (
+    CAM_OUTPUT,
+    INPUT_NAME,
+    PROBABILITY_OUTPUT,
+    ExportError,
+    check_parity,
+    export_onnx,
+    quantize_int8,
+)
+from training.metrics import REVIEW_RECALL, accuracy_threshold, review_threshold
+from training.train import load_checkpoint, model_from_checkpoint
+
+log = logging.getLogger("training.export")
+MODEL_NAME = "pvqc-cell"
+FP32_FILE = "model.onnx"
+INT8_FILE = "model-int8.onnx"
+CALIBRATION_CELLS = 256
+PARITY_CELLS = 64
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def operating_points(validation: dict[str, Any]) -> OperatingPoints:
+    probabilities = np.asarray(validation["probabilities"])
+    labels = np.asarray(validation["labels"])
+    threshold = accuracy_threshold(probabilities, labels)
+    return OperatingPoints(
+        threshold=threshold,
+        review_threshold=review_threshold(probabilities, labels, threshold),
+        threshold_rule=f"best accuracy on the validation split ({len(labels)} cells, 8-view averaged)",
+        review_rule=(
+            f"highest threshold that still sends {REVIEW_RECALL:.0%} of defective validation cells to FAIL or "
+            "REVIEW; cells between it and the threshold are uncertain"
+        ),
+    )
+
+
+def build_card(state: dict[str, Any], version: str, points: OperatingPoints, parity: float) -> ModelCard:
+    config = state["config"]
+    size = int(config["image_size"])
+    history = state["history"]
+    return ModelCard(
+        name=MODEL_NAME,
+        version=version,
+        architecture=config["architecture"],
+        input=InputSpec(
+            tensor=TensorSpec(name=INPUT_NAME, shape=["batch", 1, size, size], datatype="FP32"),
+            size=size,
+            colour="grey",
+        ),
+        outputs=[
+            TensorSpec(name=PROBABILITY_OUTPUT, shape=["batch"], datatype="FP32"),
+            TensorSpec(name=CAM_OUTPUT, shape=["batch", "h", "w"], datatype="FP32"),
+        ],
+        classes={
+            PROBABILITY_OUTPUT: "probability that the cell is defective (ELPV probability >= 0.5)",
+            CAM_OUTPUT: "class activation map: the defect logit at each position of the last feature map",
+        },
+        operating_points=points,
+        metrics={"validation_best_auc": state["best_auc"], "onnx_parity_max_abs": parity},
+        provenance={
+            "weights": state.get("weights_source", "unknown"),
+            "training_data": "ELPV (elpv-dataset package), fixed split of DESIGN.md",
+            "test_split_sha256": split_file_sha256(),
+            "config": config,
+            "epochs_run": len(history),
+            "seconds_training": round(sum(row["seconds"] for row in history), 1),
+            "hardware": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "git_commit": git_commit(),
+            "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        },
+        files={"fp32": FP32_FILE, "int8": INT8_FILE},
+    )
+
+
+def main(checkpoint: Path, out: Path, version: str, evaluate: bool, tta: bool) -> ModelCard:
+    state = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(state)
+    size = int(state["config"]["image_size"])
+    root = elpv_root()
+    _, probabilities, types = read_labels(root / "labels.csv")
+    train_idx, _, _ = split_indices(probabilities, types)
+    # calibration and parity on training cells only: the test split decides nothing
+    rng = np.random.default_rng(0)
+    calibration = load_elpv(root, np.sort(rng.choice(train_idx, min(CALIBRATION_CELLS, len(train_idx)), replace=False)))
+    fp32 = export_onnx(model, out / FP32_FILE, size)
+    parity = check_parity(model, fp32, calibration.images[:PARITY_CELLS])
+    log.info("ONNX parity on %d real cells: max |dp| = %.2e", PARITY_CELLS, parity)
+    quantize_int8(fp32, out / INT8_FILE, calibration.images)
+    card = build_card(state, version, operating_points(state["validation"]), parity)
+    card.provenance["sha256"] = {FP32_FILE: sha256(fp32), INT8_FILE: sha256(out / INT8_FILE)}
+    write_card(card, out)
+    if evaluate:
+        from training.evaluate import evaluate_release
+
+        card = evaluate_release(out, out / "report", tta=tta)
+    return card
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="release folder to write")
+    parser.add_argument("--version", required=True, help="model version, e.g. 1.0.0")
+    parser.add_argument("--evaluate", action="store_true", help="score FP32 and INT8 on the test split")
+    parser.add_argument("--no-tta", dest="tta", action="store_false", help="single view instead of 8")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        card = main(args.checkpoint, args.out, args.version, args.evaluate, args.tta)
+    except (WeightsError, DatasetError, ExportError, CardError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": str(args.out), "version": card.version, "metrics": card.metrics}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

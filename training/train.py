@@ -1,0 +1,387 @@
+"""Train the cell classifier on ELPV: `python -m training.train --config CONFIG` (or `pvqc train`).
+
+Reads top to bottom: set-up (config, seeds, DDP), data (fixed split, never the test cells), model
+(ImageNet weights from a package, optional frozen early blocks), optional cache of the frozen features
+for the 8 dihedral views, the epoch loop (soft BCE, dihedral + brightness/contrast augmentation, AdamW with
+one-cycle, bf16 autocast on CUDA), validation with 8-view averaging, checkpoints, CSV and TensorBoard.
+
+Runs under `torchrun --nproc-per-node N` (gloo on CPU, nccl on CUDA): each process takes its share of the
+batches, gradients are all-reduced, rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from datasets.elpv import DatasetError, ElpvCells, load_elpv, read_labels, split_indices, elpv_root
+from model.network import CellClassifier, WeightsError, build_classifier, soft_bce
+from training.config import ConfigError, TrainConfig, load_config
+from training.metrics import classification_metrics
+
+log = logging.getLogger("training.train")
+CHECKPOINT_FORMAT = "pvqc-checkpoint-1"
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+def setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if world > 1:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def training_cells(config: TrainConfig) -> tuple[ElpvCells, ElpvCells]:
+    """(train, validation) ELPV cells under the fixed split; the test cells are never loaded here."""
+    root = elpv_root()
+    _, probabilities, types = read_labels(root / "labels.csv")
+    train_idx, val_idx, _ = split_indices(probabilities, types)
+    if config.limit_train is not None:
+        train_idx = train_idx[: config.limit_train]
+    if config.limit_validation is not None:
+        val_idx = val_idx[: config.limit_validation]
+    return load_elpv(root, train_idx), load_elpv(root, val_idx)
+
+
+def dihedral_batch(x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    """Apply view v (0..7: rotation by 90*v, flipped when v >= 4) to each sample of (N, C, H, W)."""
+    out = torch.empty_like(x)
+    for v in range(8):
+        chosen = views == v
+        if chosen.any():
+            y = torch.rot90(x[chosen], k=v % 4, dims=(-2, -1))
+            out[chosen] = torch.flip(y, dims=(-1,)) if v >= 4 else y
+    return out
+
+
+def jitter_batch(x: torch.Tensor, amplitude: float, generator: torch.Generator) -> torch.Tensor:
+    """Random contrast (scale about the cell's mean) and brightness on raw grey levels 0..255."""
+    if amplitude <= 0:
+        return x
+    n = x.shape[0]
+    contrast = 1 + amplitude * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
+    brightness = amplitude * 64 * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * contrast.to(x.device) + mean + brightness.to(x.device)).clamp(0, 255)
+
+
+@torch.no_grad()
+def cache_early_features(
+    model: CellClassifier, images: np.ndarray, upto: int, device: torch.device, batch_size: int
+) -> torch.Tensor:
+    """(8, N, C, h, w) float16 features of the frozen part for every dihedral view of every cell."""
+    model.eval()
+    views = []
+    for v in range(8):
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            grey = torch.from_numpy(images[start : start + batch_size]).float()[:, None].to(device)
+            grey = dihedral_batch(grey, torch.full((grey.shape[0],), v, device=device))
+            chunks.append(model.early_features(grey, upto).half().cpu())
+        views.append(torch.cat(chunks))
+        log.info("cached frozen features for view %d/8", v + 1)
+    return torch.stack(views)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+class TrainingView(nn.Module):
+    """What DDP wraps: logits from grey cells, or from cached early features when `from_features`."""
+
+    def __init__(self, model: CellClassifier, start: int, from_features: bool) -> None:
+        super().__init__()
+        self.model, self.start, self.from_features = model, start, from_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.from_features:
+            with torch.set_grad_enabled(self.start == 0 and torch.is_grad_enabled()):
+                x = self.model.early_features(x, self.start)
+        return self.model.logits_from_features(self.model.late_features(x.float(), self.start))
+
+
+def freeze_early(model: CellClassifier, blocks: int) -> None:
+    """Keep stem and blocks[:blocks] at their ImageNet weights (and their batch-norm statistics)."""
+    if blocks > model.num_blocks:
+        raise ConfigError(f"freeze_blocks={blocks} but {model.architecture} has {model.num_blocks} blocks")
+    for module in [model.backbone.conv_stem, model.backbone.bn1, *model.backbone.blocks[:blocks]]:
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def set_train_mode(model: CellClassifier, frozen_blocks: int) -> None:
+    model.train()
+    if frozen_blocks:
+        for module in [model.backbone.conv_stem, model.backbone.bn1, *model.backbone.blocks[:frozen_blocks]]:
+            module.eval()
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, **state: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+    tmp.replace(path)  # atomic: a crash mid-write never leaves a half checkpoint
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A pvqc checkpoint; anything else ends with a message saying what was expected."""
+    if not path.is_file():
+        raise WeightsError(f"expected a checkpoint file at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise WeightsError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(f"{path} is not a pvqc checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    return state
+
+
+def model_from_checkpoint(state: dict[str, Any], architecture: str | None = None) -> CellClassifier:
+    """Rebuild the network a checkpoint holds; refuse one of another architecture."""
+    saved = state["config"]["architecture"]
+    if architecture is not None and architecture != saved:
+        raise WeightsError(f"the checkpoint holds a {saved} network; expected {architecture}")
+    model = CellClassifier(saved, drop_rate=state["config"].get("drop_rate", 0.2))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise WeightsError(f"the checkpoint's weights do not fit {saved}: {str(exc).splitlines()[0]}") from exc
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+
+
+@torch.no_grad()
+def predict_views(
+    view_model: TrainingView, inputs: torch.Tensor, device: torch.device, batch_size: int, cached: bool
+) -> np.ndarray:
+    """Probabilities averaged over the 8 dihedral views. `inputs`: (8, N, ...) cached or (N, 1, H, W) grey."""
+    view_model.eval()
+    n = inputs.shape[1] if cached else inputs.shape[0]
+    total = torch.zeros(n)
+    for v in range(8):
+        for start in range(0, n, batch_size):
+            if cached:
+                x = inputs[v, start : start + batch_size].to(device)
+            else:
+                grey = inputs[start : start + batch_size].to(device)
+                x = dihedral_batch(grey, torch.full((grey.shape[0],), v, device=device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                total[start : start + batch_size] += torch.sigmoid(view_model(x).float()).cpu()
+    return (total / 8).numpy()
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(config: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
+    rank, world, device = setup_distributed(config)
+    is_main = rank == 0
+    seed_everything(config.seed + rank)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = Path(config.out_dir)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+
+    train, val = training_cells(config)
+    sample_weights = np.ones(len(train))
+    log.info("training on %d cells, validating on %d (world size %d, %s)", len(train), len(val), world, device)
+
+    model, weights_source = build_classifier(config.architecture, config.pretrained, config.drop_rate)
+    start_block = config.freeze_blocks
+    if start_block:
+        freeze_early(model, start_block)
+    model.to(device)
+
+    targets = torch.from_numpy(train.probabilities).float()
+    if config.cache_frozen:
+        train_inputs = cache_early_features(model, train.images, start_block, device, 64)
+        val_inputs = cache_early_features(model, val.images, start_block, device, 64)
+    else:
+        train_inputs = torch.from_numpy(train.images)[:, None]
+        val_inputs = torch.from_numpy(val.images)[:, None].float()
+
+    view_model: nn.Module = TrainingView(model, start_block, config.cache_frozen)
+    wrapped: nn.Module = view_model
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(view_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    per_rank = math.ceil(len(train) / world)
+    steps_per_epoch = max(1, math.ceil(per_rank / config.batch_size))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=config.warmup_fraction
+    )
+    first_epoch, best_auc, history = 0, -1.0, []
+    if resume is not None:
+        state = load_checkpoint(resume)
+        if state["config"]["architecture"] != config.architecture:
+            raise WeightsError(
+                f"cannot resume: {resume} holds a {state['config']['architecture']} network, config says {config.architecture}"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        first_epoch, best_auc, history = state["epoch"] + 1, state["best_auc"], state["history"]
+        log.info("resumed from %s at epoch %d", resume, first_epoch)
+
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+    from tqdm import tqdm
+
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    for epoch in range(first_epoch, config.epochs):
+        started = time.perf_counter()
+        # every rank draws the same permutation, then takes its own interleaved share of it
+        order = torch.multinomial(
+            torch.from_numpy(sample_weights).float(), len(train), replacement=False,
+            generator=torch.Generator().manual_seed(config.seed * 7919 + epoch),
+        )[rank::world]
+        set_train_mode(model, start_block)
+        running, seen = 0.0, 0
+        batches = range(0, len(order), config.batch_size)
+        for start in tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not is_main, mininterval=10):
+            index = order[start : start + config.batch_size]
+            views = torch.randint(0, 8, (len(index),), generator=generator)
+            if config.cache_frozen:
+                x = train_inputs[views, index].to(device)
+            else:
+                grey = train_inputs[index].float().to(device)
+                x = jitter_batch(dihedral_batch(grey, views.to(device)), config.jitter, generator)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = wrapped(x).float()
+            loss = soft_bce(logits, targets[index].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running += float(loss.detach()) * len(index)
+            seen += len(index)
+
+        val_prob = predict_views(view_model, val_inputs, device, 64, config.cache_frozen)
+        metrics = classification_metrics(val_prob, val.probabilities, val.types, 0.5)
+        val_loss = float(soft_bce(torch.logit(torch.from_numpy(val_prob).clamp(1e-6, 1 - 1e-6)), torch.from_numpy(val.probabilities).float()))
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": running / max(seen, 1),
+            "val_loss": val_loss,
+            "val_accuracy": metrics["accuracy"],
+            "val_auc": metrics["roc_auc"] if metrics["roc_auc"] is not None else float("nan"),
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": time.perf_counter() - started,
+        }
+        history.append(row)
+        if is_main:
+            log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
+            assert writer is not None
+            for key, value in row.items():
+                if key != "epoch":
+                    writer.add_scalar(key, value, epoch + 1)
+            write_history(out / "metrics.csv", history)
+            improved = not math.isnan(row["val_auc"]) and row["val_auc"] > best_auc
+            best_auc = max(best_auc, row["val_auc"]) if improved else best_auc
+            state = {
+                "config": asdict(config),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "best_auc": best_auc,
+                "history": history,
+                "weights_source": weights_source,
+                "validation": {"names": val.names.tolist(), "probabilities": val_prob.tolist(), "labels": val.probabilities.tolist(), "types": val.types.tolist()},
+            }
+            save_checkpoint(out / "last.pt", **state)
+            if improved or epoch == first_epoch:
+                save_checkpoint(out / "best.pt", **state)
+    if writer is not None:
+        writer.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"out_dir": str(out), "best_val_auc": best_auc, "epochs": len(history)}
+
+
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; values are read as JSON where they parse (numbers, true/false, lists)."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"expected key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    return overrides
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="YAML or JSON file of TrainConfig keys")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    parser.add_argument("--resume", type=Path, help="continue from a last.pt checkpoint")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, parse_overrides(args.set))
+        result = main(config, args.resume)
+    except (ConfigError, DatasetError, WeightsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
