@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ TEST_FRACTION = 0.25
 TEST_SEED = 0
 VALIDATION_FRACTION = 0.15
 VALIDATION_SEED = 1
+ROOT_VARIABLE = "PVQC_ELPV_ROOT"
 SPLIT_FILE = Path(__file__).with_name("splits") / "elpv_test.txt"
 
 
@@ -52,14 +54,18 @@ class ElpvCells:
 
 
 def elpv_root() -> Path:
-    """The package's data folder (labels.csv and images/)."""
-    try:
-        import elpv_dataset
-    except ImportError as exc:
-        raise DatasetError(
-            "the ELPV data is missing: expected the package 'elpv-dataset' (pip install elpv-dataset)"
-        ) from exc
-    root = Path(elpv_dataset.__file__).parent / "data"
+    """The package's data folder (labels.csv and images/), or the folder named by PVQC_ELPV_ROOT."""
+    override = os.environ.get(ROOT_VARIABLE)
+    if override:
+        root = Path(override)
+    else:
+        try:
+            import elpv_dataset
+        except ImportError as exc:
+            raise DatasetError(
+                "the ELPV data is missing: expected the package 'elpv-dataset' (pip install elpv-dataset)"
+            ) from exc
+        root = Path(elpv_dataset.__file__).parent / "data"
     if not (root / "labels.csv").is_file():
         raise DatasetError(f"expected ELPV labels at {root / 'labels.csv'}, found none")
     return root
@@ -112,20 +118,19 @@ def stratified_pick(keys: list[tuple[float, str]], fraction: float, seed: int) -
     for key in sorted(set(keys)):
         members = np.array([i for i, k in enumerate(keys) if k == key])  # ascending
         rng.shuffle(members)
-        picked.extend(members[: int(round(fraction * len(members)))].tolist())
+        # Python's round(): halves go to even, as the protocol says
+        picked.extend(members[: round(fraction * len(members))].tolist())
     return np.array(sorted(picked), dtype=np.int64)
 
 
-def test_indices(probabilities: np.ndarray, types: np.ndarray) -> np.ndarray:
+def fixed_test_indices(probabilities: np.ndarray, types: np.ndarray) -> np.ndarray:
     """The fixed test split: 654 of ELPV's 2,624 cells."""
     return stratified_pick(stratum_keys(probabilities, types), TEST_FRACTION, TEST_SEED)
 
 
-def split_indices(
-    probabilities: np.ndarray, types: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_indices(probabilities: np.ndarray, types: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, validation, test) index arrays; validation is stratified out of the non-test cells."""
-    test = test_indices(probabilities, types)
+    test = fixed_test_indices(probabilities, types)
     rest = np.setdiff1d(np.arange(len(probabilities)), test)
     keys = stratum_keys(probabilities[rest], types[rest])
     validation = rest[stratified_pick(keys, VALIDATION_FRACTION, VALIDATION_SEED)]
@@ -150,7 +155,7 @@ def split_file_sha256(path: Path = SPLIT_FILE) -> str:
 
 def check_split_matches(cells: ElpvCells, path: Path = SPLIT_FILE) -> None:
     """Fail loudly if the committed split and the rule disagree for these cells."""
-    expected = cells.names[test_indices(cells.probabilities, cells.types)].tolist()
+    expected = cells.names[fixed_test_indices(cells.probabilities, cells.types)].tolist()
     committed = read_split_file(path)
     if expected != committed:
         raise DatasetError(f"the committed split {path} does not match DESIGN.md's rule")

@@ -89,7 +89,9 @@ class ModelCard(BaseModel):
 
     def onnx_path(self, folder: Path, variant: str = "fp32") -> Path:
         if variant not in self.files:
-            raise CardError(f"model {self.name} {self.version} has no {variant!r} file; has {sorted(self.files)}")
+            raise CardError(
+                f"model {self.name} {self.version} has no {variant!r} file; has {sorted(self.files)}"
+            )
         return folder / self.files[variant]
 
 

@@ -54,7 +54,9 @@ class CellClassifier(nn.Module):
         import timm
 
         if architecture not in PRETRAINED_SOURCES:
-            raise WeightsError(f"unknown architecture {architecture!r}; expected one of {sorted(PRETRAINED_SOURCES)}")
+            raise WeightsError(
+                f"unknown architecture {architecture!r}; expected one of {sorted(PRETRAINED_SOURCES)}"
+            )
         self.architecture = architecture
         self.backbone = timm.create_model(architecture, pretrained=False, num_classes=1, drop_rate=0.0)
         self.dropout = nn.Dropout(drop_rate)
@@ -108,15 +110,21 @@ def load_pretrained(model: CellClassifier) -> str:
     try:
         path = locate()
     except ImportError as exc:
-        raise WeightsError(f"ImageNet weights for {model.architecture} need the package {source.split()[0]}") from exc
-    packaged = [t for k, t in torch.load(path, map_location="cpu").items() if not k.endswith("num_batches_tracked")]
+        raise WeightsError(
+            f"ImageNet weights for {model.architecture} need the package {source.split()[0]}"
+        ) from exc
+    packaged = [
+        t for k, t in torch.load(path, map_location="cpu").items() if not k.endswith("num_batches_tracked")
+    ]
     targets = [
         (k, t)
         for k, t in model.backbone.state_dict().items()
         if not k.endswith("num_batches_tracked") and not k.startswith("classifier.")
     ]
     packaged = packaged[: len(targets)]  # the package's last two tensors are its 1000-class head
-    if len(packaged) != len(targets) or any(a.shape != b.shape for a, (_, b) in zip(packaged, targets, strict=True)):
+    if len(packaged) != len(targets) or any(
+        a.shape != b.shape for a, (_, b) in zip(packaged, targets, strict=True)
+    ):
         raise WeightsError(f"the weights in {path} do not match {model.architecture} tensor for tensor")
     state = {k: t for (k, _), t in zip(targets, packaged, strict=True)}
     missing, _ = model.backbone.load_state_dict(state, strict=False)
@@ -126,7 +134,9 @@ def load_pretrained(model: CellClassifier) -> str:
     return source
 
 
-def build_classifier(architecture: str, pretrained: bool = True, drop_rate: float = 0.2) -> tuple[CellClassifier, str]:
+def build_classifier(
+    architecture: str, pretrained: bool = True, drop_rate: float = 0.2
+) -> tuple[CellClassifier, str]:
     model = CellClassifier(architecture, drop_rate=drop_rate)
     source = load_pretrained(model) if pretrained else "random initialisation"
     return model, source

@@ -67,7 +67,9 @@ def onnx_probabilities(session: object, cells: np.ndarray, batch_size: int = 32)
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
-def check_parity(model: object, onnx_path: Path, cells: np.ndarray, tolerance: float = PARITY_TOLERANCE) -> float:
+def check_parity(
+    model: object, onnx_path: Path, cells: np.ndarray, tolerance: float = PARITY_TOLERANCE
+) -> float:
     """Max |p_torch - p_onnx| over real cells; raises ExportError above `tolerance`."""
     import torch
 
@@ -77,7 +79,9 @@ def check_parity(model: object, onnx_path: Path, cells: np.ndarray, tolerance: f
     got = onnx_probabilities(onnx_session(onnx_path), cells)
     difference = float(np.abs(expected - got).max())
     if difference > tolerance:
-        raise ExportError(f"ONNX and PyTorch disagree by {difference:.2e} on probabilities (allowed {tolerance:.0e})")
+        raise ExportError(
+            f"ONNX and PyTorch disagree by {difference:.2e} on probabilities (allowed {tolerance:.0e})"
+        )
     return difference
 
 
@@ -92,6 +96,23 @@ class _CellCalibration:
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self.batches, None)
         return None if batch is None else {INPUT_NAME: batch}
+
+
+def head_nodes(path: Path) -> list[str]:
+    """Names of the nodes between the last activation and the outputs (heat map, pooling, sigmoid)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    producer = {output: node for node in graph.node for output in node.output}
+    names: list[str] = []
+    pending = [output.name for output in graph.output]
+    while pending:
+        node = producer.get(pending.pop())
+        if node is None or node.op_type in ("Clip", "Relu", "Conv") or node.name in names:
+            continue
+        names.append(node.name)
+        pending.extend(node.input)
+    return names
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration_cells: np.ndarray) -> Path:
@@ -117,8 +138,9 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_cells: np.ndarra
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            # the heat map and the final pooling stay in float: they are cheap and precision matters there
-            nodes_to_exclude=[],
+            # the heat map and the final pooling stay in float: they are cheap, and quantizing the
+            # probability itself would clip it to the calibration cells' range
+            nodes_to_exclude=head_nodes(fp32_path),
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         )
     finally:

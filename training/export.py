@@ -1,4 +1,4 @@
-"""Export a trained checkpoint as a released model: `python -m training.export --checkpoint best.pt --out DIR`.
+"""Export a checkpoint as a released model: `python -m training.export --checkpoint best.pt --out DIR`.
 
 Writes into DIR: `model.onnx` (FP32), `model-int8.onnx` (static INT8, calibrated on training cells),
 and `card.json` with the operating points chosen on the validation split (never the test split), the
@@ -46,7 +46,9 @@ PARITY_CELLS = 64
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -64,8 +66,8 @@ def operating_points(validation: dict[str, Any]) -> OperatingPoints:
         review_threshold=review_threshold(probabilities, labels, threshold),
         threshold_rule=f"best accuracy on the validation split ({len(labels)} cells, 8-view averaged)",
         review_rule=(
-            f"highest threshold that still sends {REVIEW_RECALL:.0%} of defective validation cells to FAIL or "
-            "REVIEW; cells between it and the threshold are uncertain"
+            f"highest threshold that still sends {REVIEW_RECALL:.0%} of defective validation cells to FAIL "
+            "or REVIEW; cells between it and the threshold are uncertain"
         ),
     )
 
@@ -108,7 +110,14 @@ def build_card(state: dict[str, Any], version: str, points: OperatingPoints, par
     )
 
 
-def main(checkpoint: Path, out: Path, version: str, evaluate: bool, tta: bool) -> ModelCard:
+def main(
+    checkpoint: Path,
+    out: Path,
+    version: str,
+    evaluate: bool,
+    tta: bool,
+    calibration_cells: int = CALIBRATION_CELLS,
+) -> ModelCard:
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state)
     size = int(state["config"]["image_size"])
@@ -117,7 +126,9 @@ def main(checkpoint: Path, out: Path, version: str, evaluate: bool, tta: bool) -
     train_idx, _, _ = split_indices(probabilities, types)
     # calibration and parity on training cells only: the test split decides nothing
     rng = np.random.default_rng(0)
-    calibration = load_elpv(root, np.sort(rng.choice(train_idx, min(CALIBRATION_CELLS, len(train_idx)), replace=False)))
+    calibration = load_elpv(
+        root, np.sort(rng.choice(train_idx, min(calibration_cells, len(train_idx)), replace=False))
+    )
     fp32 = export_onnx(model, out / FP32_FILE, size)
     parity = check_parity(model, fp32, calibration.images[:PARITY_CELLS])
     log.info("ONNX parity on %d real cells: max |dp| = %.2e", PARITY_CELLS, parity)
@@ -138,11 +149,14 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="release folder to write")
     parser.add_argument("--version", required=True, help="model version, e.g. 1.0.0")
     parser.add_argument("--evaluate", action="store_true", help="score FP32 and INT8 on the test split")
+    parser.add_argument(
+        "--calibration-cells", type=int, default=CALIBRATION_CELLS, help="training cells for INT8 calibration"
+    )
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="single view instead of 8")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        card = main(args.checkpoint, args.out, args.version, args.evaluate, args.tta)
+        card = main(args.checkpoint, args.out, args.version, args.evaluate, args.tta, args.calibration_cells)
     except (WeightsError, DatasetError, ExportError, CardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

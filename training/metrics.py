@@ -17,7 +17,9 @@ FALSE_REJECT_BUDGET = 0.05
 REVIEW_RECALL = 0.98
 
 
-def recall_at_false_reject(defective: np.ndarray, scores: np.ndarray, budget: float = FALSE_REJECT_BUDGET) -> float:
+def recall_at_false_reject(
+    defective: np.ndarray, scores: np.ndarray, budget: float = FALSE_REJECT_BUDGET
+) -> float:
     """Highest share of defective cells caught while flagging at most `budget` of functional cells."""
     fpr, tpr, _ = roc_curve(defective, scores)
     return float(tpr[fpr <= budget].max())
@@ -34,7 +36,8 @@ def classification_metrics(
     defective = labels >= 0.5
     predicted = probabilities >= threshold
     per_type = {
-        str(t): float((predicted[types == t] == defective[types == t]).mean()) for t in sorted(set(types.tolist()))
+        str(t): float((predicted[types == t] == defective[types == t]).mean())
+        for t in sorted(set(types.tolist()))
     }
     both_classes = 0 < defective.sum() < len(defective)
     return {
@@ -43,7 +46,9 @@ def classification_metrics(
         "accuracy": float((predicted == defective).mean()),
         "f1_defective": float(f1_score(defective, predicted, zero_division=0)),
         "roc_auc": float(roc_auc_score(defective, probabilities)) if both_classes else None,
-        "recall_at_5pct_false_reject": recall_at_false_reject(defective, probabilities) if both_classes else None,
+        "recall_at_5pct_false_reject": recall_at_false_reject(defective, probabilities)
+        if both_classes
+        else None,
         "accuracy_per_type": per_type,
         "grade4_accuracy": float((nearest_grade(probabilities) == nearest_grade(labels)).mean()),
         "confusion": {
@@ -65,7 +70,9 @@ def accuracy_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float(np.clip(candidates[best[len(best) // 2]], 0.01, 0.99))
 
 
-def review_threshold(probabilities: np.ndarray, labels: np.ndarray, threshold: float, recall: float = REVIEW_RECALL) -> float:
+def review_threshold(
+    probabilities: np.ndarray, labels: np.ndarray, threshold: float, recall: float = REVIEW_RECALL
+) -> float:
     """The highest threshold that still flags `recall` of defective validation cells (as FAIL or REVIEW)."""
     defective_scores = np.sort(probabilities[labels >= 0.5])
     if len(defective_scores) == 0:

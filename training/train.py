@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from datasets.elpv import DatasetError, ElpvCells, load_elpv, read_labels, split_indices, elpv_root
+from datasets.elpv import DatasetError, ElpvCells, elpv_root, load_elpv, read_labels, split_indices
 from model.network import CellClassifier, WeightsError, build_classifier, soft_bce
 from training.config import ConfigError, TrainConfig, load_config
 from training.metrics import classification_metrics
@@ -181,8 +181,38 @@ def model_from_checkpoint(state: dict[str, Any], architecture: str | None = None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise WeightsError(f"the checkpoint's weights do not fit {saved}: {str(exc).splitlines()[0]}") from exc
+        raise WeightsError(
+            f"the checkpoint's weights do not fit {saved}: {str(exc).splitlines()[0]}"
+        ) from exc
     return model.eval()
+
+
+def restore(
+    path: Path,
+    config: TrainConfig,
+    model: CellClassifier,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.OneCycleLR,
+) -> tuple[int, float, list[dict[str, float]]]:
+    """Load a last.pt into a run built from the same config; returns (next epoch, best AUC, history)."""
+    state = load_checkpoint(path)
+    saved = state["config"]
+    if saved["architecture"] != config.architecture:
+        raise WeightsError(
+            f"cannot resume: {path} holds a {saved['architecture']} network; the config says "
+            f"{config.architecture}"
+        )
+    if state["scheduler"]["total_steps"] != scheduler.total_steps:
+        raise ConfigError(
+            f"cannot resume: {path} was scheduled for {saved['epochs']} epochs of "
+            f"{saved['batch_size']} cells; "
+            f"the config says {config.epochs} of {config.batch_size}"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    log.info("resumed from %s after epoch %d", path, state["epoch"] + 1)
+    return state["epoch"] + 1, state["best_auc"], state["history"]
 
 
 # ------------------------------------------------------------------------------------------- evaluate
@@ -224,7 +254,9 @@ def main(config: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
 
     train, val = training_cells(config)
     sample_weights = np.ones(len(train))
-    log.info("training on %d cells, validating on %d (world size %d, %s)", len(train), len(val), world, device)
+    log.info(
+        "training on %d cells, validating on %d (world size %d, %s)", len(train), len(val), world, device
+    )
 
     model, weights_source = build_classifier(config.architecture, config.pretrained, config.drop_rate)
     start_block = config.freeze_blocks
@@ -234,8 +266,8 @@ def main(config: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
 
     targets = torch.from_numpy(train.probabilities).float()
     if config.cache_frozen:
-        train_inputs = cache_early_features(model, train.images, start_block, device, 64)
-        val_inputs = cache_early_features(model, val.images, start_block, device, 64)
+        train_inputs = cache_early_features(model, train.images, start_block, device, 16)
+        val_inputs = cache_early_features(model, val.images, start_block, device, 16)
     else:
         train_inputs = torch.from_numpy(train.images)[:, None]
         val_inputs = torch.from_numpy(val.images)[:, None].float()
@@ -243,27 +275,23 @@ def main(config: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
     view_model: nn.Module = TrainingView(model, start_block, config.cache_frozen)
     wrapped: nn.Module = view_model
     if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(view_model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = nn.parallel.DistributedDataParallel(
+            view_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     per_rank = math.ceil(len(train) / world)
     steps_per_epoch = max(1, math.ceil(per_rank / config.batch_size))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=config.warmup_fraction
+        optimizer,
+        max_lr=config.lr,
+        total_steps=config.epochs * steps_per_epoch,
+        pct_start=config.warmup_fraction,
     )
     first_epoch, best_auc, history = 0, -1.0, []
     if resume is not None:
-        state = load_checkpoint(resume)
-        if state["config"]["architecture"] != config.architecture:
-            raise WeightsError(
-                f"cannot resume: {resume} holds a {state['config']['architecture']} network, config says {config.architecture}"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        first_epoch, best_auc, history = state["epoch"] + 1, state["best_auc"], state["history"]
-        log.info("resumed from %s at epoch %d", resume, first_epoch)
+        first_epoch, best_auc, history = restore(resume, config, model, optimizer, scheduler)
 
     writer = None
     if is_main:
@@ -277,13 +305,17 @@ def main(config: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         # every rank draws the same permutation, then takes its own interleaved share of it
         order = torch.multinomial(
-            torch.from_numpy(sample_weights).float(), len(train), replacement=False,
+            torch.from_numpy(sample_weights).float(),
+            len(train),
+            replacement=False,
             generator=torch.Generator().manual_seed(config.seed * 7919 + epoch),
         )[rank::world]
         set_train_mode(model, start_block)
         running, seen = 0.0, 0
         batches = range(0, len(order), config.batch_size)
-        for start in tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not is_main, mininterval=10):
+        for start in tqdm(
+            batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not is_main, mininterval=10
+        ):
             index = order[start : start + config.batch_size]
             views = torch.randint(0, 8, (len(index),), generator=generator)
             if config.cache_frozen:
@@ -303,7 +335,12 @@ def main(config: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
 
         val_prob = predict_views(view_model, val_inputs, device, 64, config.cache_frozen)
         metrics = classification_metrics(val_prob, val.probabilities, val.types, 0.5)
-        val_loss = float(soft_bce(torch.logit(torch.from_numpy(val_prob).clamp(1e-6, 1 - 1e-6)), torch.from_numpy(val.probabilities).float()))
+        val_loss = float(
+            soft_bce(
+                torch.logit(torch.from_numpy(val_prob).clamp(1e-6, 1 - 1e-6)),
+                torch.from_numpy(val.probabilities).float(),
+            )
+        )
         row = {
             "epoch": epoch + 1,
             "train_loss": running / max(seen, 1),
@@ -332,7 +369,12 @@ def main(config: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
                 "best_auc": best_auc,
                 "history": history,
                 "weights_source": weights_source,
-                "validation": {"names": val.names.tolist(), "probabilities": val_prob.tolist(), "labels": val.probabilities.tolist(), "types": val.types.tolist()},
+                "validation": {
+                    "names": val.names.tolist(),
+                    "probabilities": val_prob.tolist(),
+                    "labels": val.probabilities.tolist(),
+                    "types": val.types.tolist(),
+                },
             }
             save_checkpoint(out / "last.pt", **state)
             if improved or epoch == first_epoch:

@@ -1,0 +1,122 @@
+"""The FastAPI application: `create_app(settings)` and the lifespan that owns every heavy object.
+
+Owns: start-up (Alembic `upgrade head`, the database engine, the frame store, the onnxruntime
+session and its micro-batcher, metrics, the event publisher) and orderly shutdown, gathered in one
+`Services` object on `app.state.services` that routes reach through `serving.deps`. Nothing heavy is
+created at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+from fastapi import FastAPI, Request, Response
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from serving.db import make_engine, upgrade_head
+from serving.errors import install_error_handlers
+from serving.events import EventPublisher, LoggingPublisher
+from serving.inference import MicroBatcher, ModelRuntime, load_runtime
+from serving.metrics import ServiceMetrics
+from serving.settings import Settings
+from serving.store import FrameStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    frames: FrameStore
+    runtime: ModelRuntime
+    batcher: MicroBatcher
+    metrics: ServiceMetrics
+    publisher: EventPublisher
+
+
+def start_services(settings: Settings, publisher: EventPublisher | None) -> Services:
+    """Everything the routes need, ready to serve (blocking: run it off the event loop)."""
+    engine = make_engine(settings.resolved_database_url)
+    upgrade_head(engine)
+    runtime = load_runtime(settings.model_dir, settings.model_variant, settings.ort_threads)
+    metrics = ServiceMetrics()
+    batcher = MicroBatcher(
+        runtime,
+        settings.max_batch,
+        settings.max_wait_ms,
+        settings.max_queue_cells,
+        observe=metrics.observe_batch,
+    )
+    metrics.track_queue(lambda: batcher.pending_cells)
+    batcher.start()
+    return Services(
+        settings=settings,
+        engine=engine,
+        sessions=sessionmaker(engine, expire_on_commit=False),
+        frames=FrameStore(settings.resolved_frames_dir),
+        runtime=runtime,
+        batcher=batcher,
+        metrics=metrics,
+        publisher=publisher or LoggingPublisher(),
+    )
+
+
+def stop_services(services: Services) -> None:
+    services.batcher.stop()
+    services.engine.dispose()
+
+
+def create_app(settings: Settings | None = None, publisher: EventPublisher | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await anyio.to_thread.run_sync(start_services, settings, publisher)
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(stop_services, services)
+
+    app = FastAPI(
+        title="pvqc inspection service",
+        summary="EL frames of solar modules in, durable PASS / REVIEW / FAIL verdicts out",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.middleware("http")(_time_requests)
+    _include_routers(app)
+    return app
+
+
+def _include_routers(app: FastAPI) -> None:
+    from serving.routes import health, inspections, lines, metrics, v2
+
+    for module in (health, lines, inspections, v2, metrics):
+        app.include_router(module.router)
+
+
+async def _time_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    started = time.perf_counter()
+    response = await call_next(request)
+    services: Services | None = getattr(request.app.state, "services", None)
+    if services is not None:
+        services.metrics.request_seconds.labels(
+            request.method, _route_template(request), str(response.status_code)
+        ).observe(time.perf_counter() - started)
+    return response
+
+
+def _route_template(request: Request) -> str:
+    # label by template (/inspections/{inspection_id}), not by path, so label sets stay bounded;
+    # the router leaves the matched route in the scope
+    route = request.scope.get("route")
+    return str(getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched")

@@ -1,0 +1,160 @@
+"""The inspection store's tables and engine: SQLAlchemy 2 models, engine set-up, Alembic upgrade.
+
+Owns: the `inspections` and `inspection_cells` tables (the migrations in `serving/migrations` create
+them; these models must match), how an engine is made durable on SQLite (WAL + synchronous FULL,
+so a committed row survives kill -9 and power loss) and PostgreSQL, and running `upgrade head` at
+start. The same models serve both databases; only the URL differs.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity
+IdType = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on both databases (SQLite hands back naive values: they are UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("expected a timezone-aware datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Inspection(Base):
+    """One accepted frame (module or single cell) and its verdict; written once, never updated."""
+
+    __tablename__ = "inspections"
+    __table_args__ = (
+        UniqueConstraint("line_id", "serial", "frame_id", name="uq_inspections_line_serial_frame"),
+        Index("ix_inspections_line_created", "line_id", "created_at"),
+        Index("ix_inspections_verdict_created", "verdict", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    line_id: Mapped[str] = mapped_column(String(64))
+    serial: Mapped[str] = mapped_column(String(128))
+    frame_id: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))  # InspectionKind
+    verdict: Mapped[str] = mapped_column(String(16))  # ModuleVerdict
+    reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    cols: Mapped[int] = mapped_column(Integer)
+    n_defective: Mapped[int] = mapped_column(Integer)
+    n_uncertain: Mapped[int] = mapped_column(Integer)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    threshold: Mapped[float] = mapped_column(Float)
+    review_threshold: Mapped[float] = mapped_column(Float)
+    frame_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    frame_content_type: Mapped[str] = mapped_column(String(32))
+    frame_width: Mapped[int] = mapped_column(Integer)
+    frame_height: Mapped[int] = mapped_column(Integer)
+    geometry_ok: Mapped[bool] = mapped_column(Boolean)
+    geometry_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    timings_ms: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    cells: Mapped[list[InspectionCell]] = relationship(
+        back_populates="inspection", order_by="InspectionCell.position", cascade="all, delete-orphan"
+    )
+
+
+class InspectionCell(Base):
+    """One cell's probability and verdict; polygon is its outline in the stored frame's pixels."""
+
+    __tablename__ = "inspection_cells"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    inspection_id: Mapped[int] = mapped_column(ForeignKey("inspections.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)  # row-major index, for stable ordering
+    row: Mapped[int] = mapped_column(Integer)
+    col: Mapped[int] = mapped_column(Integer)
+    probability: Mapped[float] = mapped_column(Float)
+    verdict: Mapped[str] = mapped_column(String(16))  # model.card.CellVerdict
+    polygon: Mapped[list[list[float]] | None] = mapped_column(JSON, nullable=True)
+
+    inspection: Mapped[Inspection] = relationship(back_populates="cells")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine whose commits are durable; SQLite parent folders are created."""
+    if url.startswith("sqlite"):
+        database = url.split("///", 1)[-1]
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers run during a write; synchronous=FULL fsyncs the WAL on every commit, which is
+    # what "a response means it is durable" needs; foreign keys are off by default in SQLite.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def upgrade_head(engine: Engine) -> None:
+    """Run Alembic `upgrade head` on `engine`; replicas starting together take turns (PostgreSQL lock)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # a transaction-scoped advisory lock: two replicas never migrate at once
+            connection.execute(text("SELECT pg_advisory_xact_lock(4242001)"))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+    log.info("database schema at head (%s)", engine.url.render_as_string(hide_password=True))

@@ -1,0 +1,233 @@
+"""The inspection pipeline: bytes of a frame in, a stored inspection out.
+
+Owns the order of work for the module and cell routes, and where each step runs: decoding, geometry
+and storage block, so they run in worker threads; inference goes through the micro-batcher; only
+bookkeeping touches the event loop. The row and the frame file are committed before the caller
+answers, and the inspection-completed event is published after that commit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import NoReturn
+
+import anyio
+import numpy as np
+
+from model.card import CellVerdict
+from model.preprocess import resize_cell
+from serving.app import Services
+from serving.db import Inspection, InspectionCell, utcnow
+from serving.errors import ApiError
+from serving.events import InspectionCompleted, publish_safely
+from serving.images import DecodedImage, ImageRejectedError, decode_image, parse_content_type
+from serving.inference import QueueFullError
+from serving.schemas import InspectionOut, inspection_out
+from serving.store import find_existing, insert_inspection, sha256_hex
+from serving.verdicts import InspectionKind, ModuleVerdict, module_verdict
+
+
+@dataclass(frozen=True)
+class FrameRequest:
+    line_id: str
+    serial: str
+    frame_id: str
+    body: bytes
+    content_type: str | None
+
+
+@dataclass
+class _Cells:
+    images: list[np.ndarray]  # (S, S) uint8 each
+    positions: list[tuple[int, int]]  # (row, col) each
+    polygons: list[list[list[float]] | None]
+    geometry_ok: bool = True
+    confidence: float | None = None
+    reason: str | None = None
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.ms: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.ms[name] = round((now - self.mark) * 1000, 2)
+        self.mark = now
+
+    def total(self) -> None:
+        self.ms["total"] = round((time.perf_counter() - self.start) * 1000, 2)
+
+
+async def inspect_module(services: Services, request: FrameRequest, rows: int, cols: int) -> InspectionOut:
+    return await _inspect(services, request, InspectionKind.MODULE, rows, cols)
+
+
+async def inspect_cell(services: Services, request: FrameRequest) -> InspectionOut:
+    return await _inspect(services, request, InspectionKind.CELL, 1, 1)
+
+
+async def _inspect(
+    services: Services, request: FrameRequest, kind: InspectionKind, rows: int, cols: int
+) -> InspectionOut:
+    earlier = await anyio.to_thread.run_sync(
+        find_existing, services.sessions, request.line_id, request.serial, request.frame_id
+    )
+    if earlier is not None:  # a re-post (e.g. a retry after a lost response): answer, never count twice
+        return inspection_out(earlier, duplicate=True)
+    if not services.batcher.has_room(rows * cols):
+        _queue_full(services, f"{services.batcher.pending_cells} cells already waiting")
+    clock = _Clock()
+    try:
+        image_type = parse_content_type(request.content_type)
+        decoded = await anyio.to_thread.run_sync(
+            decode_image, request.body, image_type, services.settings.max_pixels
+        )
+    except ImageRejectedError as exc:
+        services.metrics.rejected.labels("image").inc()
+        raise ApiError(exc.status, str(exc)) from exc
+    clock.lap("decode")
+    size = services.runtime.size
+    if kind is InspectionKind.MODULE:
+        cells = await anyio.to_thread.run_sync(
+            _cut_module, decoded, rows, cols, size, services.settings.max_pixels
+        )
+    else:
+        cells = await anyio.to_thread.run_sync(_whole_cell, decoded, size)
+    clock.lap("geometry")
+    probabilities = await _probabilities(services, cells.images)
+    clock.lap("inference")
+    row = _inspection_row(services, request, kind, rows, cols, decoded, cells, probabilities)
+    stored, created = await anyio.to_thread.run_sync(_persist, services, request.body, decoded, row, clock)
+    if created:
+        _count(services, stored)
+        await publish_safely(services.publisher, _event_of(stored))
+    return inspection_out(stored, duplicate=not created)
+
+
+def _cut_module(decoded: DecodedImage, rows: int, cols: int, size: int, max_pixels: int) -> _Cells:
+    from model.geometry import cut_module  # imported here: geometry pulls in more than the rest needs
+
+    geometry = cut_module(decoded.grey, rows, cols, size, max_pixels=max_pixels)
+    if not geometry.ok:
+        return _Cells([], [], [], geometry_ok=False, confidence=geometry.confidence, reason=geometry.reason)
+    return _Cells(
+        images=[cell.image for cell in geometry.cells],
+        positions=[(cell.row, cell.col) for cell in geometry.cells],
+        polygons=[np.asarray(cell.polygon, dtype=float).round(2).tolist() for cell in geometry.cells],
+        confidence=geometry.confidence,
+    )
+
+
+def _whole_cell(decoded: DecodedImage, size: int) -> _Cells:
+    w, h = float(decoded.width), float(decoded.height)
+    outline = [[0.0, 0.0], [w, 0.0], [w, h], [0.0, h]]
+    return _Cells([resize_cell(decoded.grey, size)], [(0, 0)], [outline], confidence=1.0)
+
+
+async def _probabilities(services: Services, images: list[np.ndarray]) -> list[float]:
+    if not images:
+        return []
+    # uint8 (n, 1, S, S): the batcher makes the float32 input of cells_to_batch per onnxruntime call,
+    # so waiting cells take a quarter of the memory
+    batch = np.stack(images)[:, None]
+    try:
+        outputs = await services.batcher.infer(batch)
+    except QueueFullError as exc:
+        _queue_full(services, str(exc))
+    probability = outputs[services.runtime.card.probability_output]
+    return [float(p) for p in np.asarray(probability).reshape(-1)]
+
+
+def _queue_full(services: Services, why: str) -> NoReturn:
+    services.metrics.rejected.labels("queue_full").inc()
+    retry = str(services.settings.retry_after_seconds)
+    raise ApiError(503, f"inference queue is full: {why}; retry later", {"Retry-After": retry})
+
+
+def _inspection_row(
+    services: Services,
+    request: FrameRequest,
+    kind: InspectionKind,
+    rows: int,
+    cols: int,
+    decoded: DecodedImage,
+    cells: _Cells,
+    probabilities: list[float],
+) -> Inspection:
+    card = services.runtime.card
+    points = card.operating_points
+    judged = [points.judge(p) for p in probabilities]
+    verdict = module_verdict(judged, cells.geometry_ok)
+    return Inspection(
+        line_id=request.line_id,
+        serial=request.serial,
+        frame_id=request.frame_id,
+        kind=kind.value,
+        verdict=verdict.value,
+        reason=cells.reason if not cells.geometry_ok else _reason(judged),
+        rows=rows,
+        cols=cols,
+        n_defective=judged.count(CellVerdict.DEFECTIVE),
+        n_uncertain=judged.count(CellVerdict.UNCERTAIN),
+        model_name=card.name,
+        model_version=card.version,
+        threshold=points.threshold,
+        review_threshold=points.review_threshold,
+        frame_sha256="",  # set by _persist with the hash it stores under
+        frame_content_type=decoded.image_type.value,
+        frame_width=decoded.width,
+        frame_height=decoded.height,
+        geometry_ok=cells.geometry_ok,
+        geometry_confidence=cells.confidence,
+        timings_ms={},
+        created_at=utcnow(),
+        cells=[
+            InspectionCell(position=i, row=r, col=c, probability=p, verdict=v.value, polygon=polygon)
+            for i, ((r, c), p, v, polygon) in enumerate(
+                zip(cells.positions, probabilities, judged, cells.polygons, strict=True)
+            )
+        ],
+    )
+
+
+def _reason(judged: list[CellVerdict]) -> str | None:
+    defective, uncertain = judged.count(CellVerdict.DEFECTIVE), judged.count(CellVerdict.UNCERTAIN)
+    if defective:
+        return f"{defective} defective cell(s)"
+    if uncertain:
+        return f"{uncertain} uncertain cell(s)"
+    return None
+
+
+def _persist(
+    services: Services, body: bytes, decoded: DecodedImage, row: Inspection, clock: _Clock
+) -> tuple[Inspection, bool]:
+    # the frame file first: a committed row must never point at a missing file
+    digest = sha256_hex(body)
+    services.frames.save(body, digest, decoded.image_type.extension)
+    row.frame_sha256 = digest
+    clock.lap("store_frame")
+    clock.total()
+    row.timings_ms = dict(clock.ms)  # everything but the commit itself, which cannot time its own row
+    return insert_inspection(services.sessions, row)
+
+
+def _count(services: Services, row: Inspection) -> None:
+    services.metrics.verdicts.labels(row.line_id, row.kind, row.verdict, row.model_version).inc()
+
+
+def _event_of(row: Inspection) -> InspectionCompleted:
+    return InspectionCompleted(
+        inspection_id=row.id,
+        line_id=row.line_id,
+        serial=row.serial,
+        kind=InspectionKind(row.kind),
+        verdict=ModuleVerdict(row.verdict),
+        n_defective=row.n_defective,
+        n_uncertain=row.n_uncertain,
+        model_version=row.model_version,
+        created_at=row.created_at,
+    )

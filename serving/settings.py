@@ -1,0 +1,85 @@
+"""The service's one settings object (pydantic-settings, env prefix `PVQC_`).
+
+Owns: every knob of the service and its defaults. Each default serves the embedded single-machine
+mode (SQLite file and frame files under `./var/`, the shipped model under `models/`); the cluster
+mode is chosen by overriding values (e.g. `PVQC_DATABASE_URL=postgresql+psycopg://...`), never by
+code forks. Nested values come from JSON env values, e.g.
+`PVQC_LINES='{"L1": {"rows": 6, "cols": 10}}'`.
+"""
+
+from __future__ import annotations
+
+from datetime import time
+from pathlib import Path
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_DIR = Path("models/pvqc-cell/1.0.0")
+
+
+class LineConfig(BaseModel):
+    """One production line: its module grid and what the shop-floor screen needs to judge it."""
+
+    rows: int = Field(default=6, ge=1, le=64)
+    cols: int = Field(default=10, ge=1, le=64)
+    pass_rate_floor: float = Field(default=0.95, ge=0.0, le=1.0, description="alarm below this pass rate")
+    takt_seconds: float = Field(default=30.0, gt=0.0, description="expected seconds between modules")
+    shift_starts: list[time] = Field(
+        default_factory=lambda: [time(6, 0), time(14, 0), time(22, 0)],
+        description="local shift start times; the current shift is the latest one that has begun",
+    )
+    name: str = ""
+
+
+def _default_lines() -> dict[str, LineConfig]:
+    # a 60-cell and a 144-cell (half-cut) line, the two layouts factories mostly run
+    return {"line-1": LineConfig(rows=6, cols=10, name="60-cell line"), "line-2": LineConfig(rows=6, cols=24)}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PVQC_", env_nested_delimiter="__", extra="ignore")
+
+    # model
+    model_dir: Path = DEFAULT_MODEL_DIR
+    model_variant: str = Field(default="fp32", description="which file of the card's `files` to serve")
+    ort_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = all cores")
+
+    # store
+    var_dir: Path = Path("var")
+    database_url: str = ""  # empty: sqlite file under var_dir
+    frames_dir: Path | None = None  # None: var_dir / "frames"
+
+    # lines
+    lines: dict[str, LineConfig] = Field(default_factory=_default_lines)
+
+    # input limits
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(default=60_000_000, gt=0, description="decompression-bomb guard (w x h)")
+    max_grid_cells: int = Field(default=400, gt=0, description="rows x cols above this is rejected")
+    max_v2_batch: int = Field(default=256, gt=0)
+
+    # micro-batcher
+    max_batch: int = Field(default=16, ge=1, description="cells per onnxruntime call")
+    max_wait_ms: float = Field(default=5.0, ge=0.0, description="how long a batch waits to fill")
+    max_queue_cells: int = Field(
+        default=800, ge=1, description="cells waiting beyond this -> 503 (about 90 kB each at 300 px)"
+    )
+    retry_after_seconds: int = Field(default=2, ge=1)
+
+    # statistics
+    stats_default_last: int = Field(default=100, ge=1)
+
+    @model_validator(mode="after")
+    def _lines_not_empty(self) -> Settings:
+        if not self.lines:
+            raise ValueError("expected at least one line in PVQC_LINES")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.var_dir / 'pvqc.db'}"
+
+    @property
+    def resolved_frames_dir(self) -> Path:
+        return self.frames_dir or self.var_dir / "frames"

@@ -1,0 +1,55 @@
+"""Preprocessing shared by training and serving: any camera image becomes the model's grey input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from model.preprocess import ImageFormatError, cells_to_batch, dihedral_view, resize_cell, to_grey_u8
+
+
+def test_sixteen_bit_frames_are_stretched_not_truncated() -> None:
+    frame = np.linspace(1000, 5000, 100 * 100).reshape(100, 100).astype(np.uint16)
+    grey = to_grey_u8(frame)
+    assert grey.dtype == np.uint8
+    assert grey.min() == 0 and grey.max() == 255
+
+
+def test_colour_and_alpha_become_grey() -> None:
+    rgb = np.full((10, 12, 3), 100, np.uint8)
+    rgba = np.full((10, 12, 4), 100, np.uint8)
+    assert to_grey_u8(rgb).shape == (10, 12)
+    assert to_grey_u8(rgba).shape == (10, 12)
+
+
+@pytest.mark.parametrize("shape", [(5, 5, 2), (5, 5, 5), (2, 2, 2, 2)])
+def test_unconvertible_channel_layouts_are_refused(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ImageFormatError, match="expected"):
+        to_grey_u8(np.zeros(shape, np.uint8))
+
+
+def test_flat_sixteen_bit_frame_is_black_not_an_error() -> None:
+    assert to_grey_u8(np.full((4, 4), 777, np.uint16)).max() == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 40), st.integers(1, 40))))
+def test_resize_gives_the_model_size(cell: np.ndarray) -> None:
+    assert resize_cell(cell, 32).shape == (32, 32)
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_square() -> None:
+    image = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    views = {dihedral_view(image, v).tobytes() for v in range(8)}
+    assert len(views) == 8
+    assert np.array_equal(dihedral_view(image, 0), image)
+    with pytest.raises(ValueError, match=r"0\.\.7"):
+        dihedral_view(image, 8)
+
+
+def test_batch_layout_is_n_1_h_w_float() -> None:
+    batch = cells_to_batch([np.zeros((8, 8), np.uint8)] * 3)
+    assert batch.shape == (3, 1, 8, 8) and batch.dtype == np.float32

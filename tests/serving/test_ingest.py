@@ -1,0 +1,159 @@
+"""Frames in, verdicts out, stored before the answer: module and cell routes on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.serving.helpers import (
+    BRIGHT,
+    DARK,
+    MID,
+    TINY_THRESHOLD,
+    TINY_VERSION,
+    cell_image,
+    jpeg,
+    module_frame,
+    png,
+    tiff,
+)
+
+
+def levels(rows: int = 6, cols: int = 10, **cells: int) -> np.ndarray:
+    grid = np.full((rows, cols), BRIGHT)
+    for key, level in cells.items():  # "r0c1": level
+        r, c = key[1:].split("c")
+        grid[int(r), int(c)] = level
+    return grid
+
+
+def post_module(client: TestClient, body: bytes, serial: str = "M1", frame: str = "f1", **kwargs: Any):
+    headers = {
+        "Content-Type": str(kwargs.pop("content_type", "image/png")),
+        "X-Module-Serial": serial,
+        "X-Frame-Id": frame,
+    }
+    return client.post(
+        f"/lines/{kwargs.pop('line', 'L1')}/modules", content=body, headers=headers, params=kwargs
+    )
+
+
+def test_pass_module_is_stored_with_everything_the_issue_lists(client: TestClient) -> None:
+    body = png(module_frame(levels()))
+    response = post_module(client, body)
+    assert response.status_code == 201, response.text
+    result = response.json()
+    assert result["verdict"] == "PASS"
+    assert (result["rows"], result["cols"], len(result["cells"])) == (6, 10, 60)
+    assert result["model"] == {
+        "name": "pvqc-cell",
+        "version": TINY_VERSION,
+        "threshold": 0.7,
+        "review_threshold": 0.4,
+    }
+    assert result["frame_sha256"] == hashlib.sha256(body).hexdigest()
+    assert {"decode", "geometry", "inference", "store_frame", "total"} <= set(result["timings_ms"])
+    first = result["cells"][0]
+    assert (first["row"], first["col"], first["verdict"]) == (0, 0, "functional")
+    assert len(first["polygon"]) == 4
+    stored = client.get(f"/inspections/{result['inspection_id']}").json()
+    assert stored["cells"] == result["cells"] and stored["verdict"] == "PASS"
+    frame = client.get(result["frame_url"])
+    assert frame.status_code == 200 and frame.content == body and frame.headers["content-type"] == "image/png"
+
+
+def test_dark_cell_fails_the_module_and_is_named(client: TestClient) -> None:
+    result = post_module(client, png(module_frame(levels(r2c7=DARK)))).json()
+    assert result["verdict"] == "FAIL"
+    assert result["defective_cells"] == [[2, 7]]
+    assert result["n_defective"] == 1
+    cell = next(c for c in result["cells"] if (c["row"], c["col"]) == (2, 7))
+    assert cell["probability"] >= TINY_THRESHOLD
+
+
+def test_uncertain_cell_sends_the_module_to_review(client: TestClient) -> None:
+    result = post_module(client, png(module_frame(levels(r5c0=MID)))).json()
+    assert result["verdict"] == "REVIEW"
+    assert result["n_uncertain"] == 1 and result["defective_cells"] == []
+
+
+def test_frame_that_is_not_a_module_is_review_never_pass(client: TestClient) -> None:
+    blank = np.full((400, 600), 128, np.uint8)
+    result = post_module(client, png(blank)).json()
+    assert result["verdict"] == "REVIEW"
+    assert result["geometry_ok"] is False and result["reason"]
+    assert result["cells"] == []
+
+
+def test_repost_of_the_same_frame_returns_the_stored_result_once(client: TestClient) -> None:
+    body = png(module_frame(levels(r0c0=DARK)))
+    first = post_module(client, body, serial="S9", frame="A")
+    again = post_module(client, body, serial="S9", frame="A")
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert (
+        again.json()["inspection_id"] == first.json()["inspection_id"] and again.json()["duplicate"] is True
+    )
+    other_frame = post_module(client, body, serial="S9", frame="B")
+    assert (
+        other_frame.status_code == 201
+        and other_frame.json()["inspection_id"] != first.json()["inspection_id"]
+    )
+    page = client.get("/inspections", params={"line_id": "L1"}).json()
+    assert len(page["items"]) == 2
+    metrics = client.get("/metrics").text
+    assert (
+        'pvqc_verdicts_total{kind="module",line="L1",model_version="0.0.0-test",verdict="FAIL"} 2.0'
+        in metrics
+    )
+
+
+def test_grid_comes_from_the_line_or_the_query(client: TestClient) -> None:
+    wide = post_module(client, png(module_frame(levels(6, 24))), line="L2").json()
+    assert (wide["rows"], wide["cols"], len(wide["cells"])) == (6, 24, 144)
+    small = post_module(client, png(module_frame(levels(4, 6), cell=96)), rows=4, cols=6).json()
+    assert (small["rows"], small["cols"], small["verdict"]) == (4, 6, "PASS")
+
+
+@pytest.mark.parametrize(
+    ("encode", "content_type", "convert"),
+    [
+        (png, "image/png", lambda f: f.astype(np.uint16) * 257),  # 16-bit grey
+        (tiff, "image/tiff", lambda f: f.astype(np.uint16) * 64),  # 16-bit TIFF, a 10-bit camera's range
+        (jpeg, "image/jpeg", lambda f: np.dstack([f, f, f])),  # colour JPEG
+        (tiff, "image/tiff", lambda f: f),
+    ],
+    ids=["png16", "tiff16", "jpeg-colour", "tiff8"],
+)
+def test_formats_and_bit_depths(client: TestClient, encode, content_type: str, convert) -> None:
+    frame = module_frame(levels(r1c1=DARK))
+    response = post_module(client, encode(convert(frame)), content_type=content_type)
+    assert response.status_code == 201, response.text
+    assert response.json()["defective_cells"] == [[1, 1]]
+
+
+def test_cell_route_judges_one_cell(client: TestClient) -> None:
+    headers = {"Content-Type": "image/png", "X-Module-Serial": "M2", "X-Frame-Id": "c1"}
+    dark = client.post("/lines/L1/cells", content=png(cell_image(DARK, size=300)), headers=headers).json()
+    assert dark["kind"] == "cell" and dark["verdict"] == "FAIL" and len(dark["cells"]) == 1
+    assert dark["cells"][0]["probability"] == pytest.approx(1 - DARK / 255, abs=1e-3)
+    headers["X-Frame-Id"] = "c2"
+    bright = client.post("/lines/L1/cells", content=png(cell_image(BRIGHT, size=20)), headers=headers).json()
+    assert bright["verdict"] == "PASS"
+
+
+def test_publisher_hears_each_new_inspection_once(make_settings) -> None:
+    from serving.app import create_app
+    from serving.events import RecordingPublisher
+
+    publisher = RecordingPublisher()
+    with TestClient(create_app(make_settings(), publisher=publisher)) as client:
+        body = png(module_frame(levels(r3c3=DARK)))
+        first = post_module(client, body, serial="E1").json()
+        post_module(client, body, serial="E1")  # a re-post is not a new inspection
+    assert [(e.inspection_id, e.line_id, e.verdict.value, e.n_defective) for e in publisher.events] == [
+        (first["inspection_id"], "L1", "FAIL", 1)
+    ]

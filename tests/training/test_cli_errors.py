@@ -1,0 +1,82 @@
+"""Bad input to the training scripts ends with a one-line error saying what was expected, not a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.train import CHECKPOINT_FORMAT
+
+pytestmark = pytest.mark.slow
+
+
+def run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=180, env={**os.environ, **env}
+    )
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], expected: str) -> None:
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_config_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("epochz: 3\n")
+    assert_one_line_error(
+        run(["training.train", "--config", str(config)]), "unknown config key(s) ['epochz']"
+    )
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    assert_one_line_error(
+        run(["training.train", "--config", str(tmp_path / "nope.yaml")]), "expected a config file"
+    )
+
+
+def test_missing_data(tmp_path: Path) -> None:
+    done = run(["training.train", "--set", f"out_dir={tmp_path}"], PVQC_ELPV_ROOT=str(tmp_path))
+    assert_one_line_error(done, "expected ELPV labels")
+
+
+def test_checkpoint_that_is_not_pvqcs(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    done = run(
+        ["training.export", "--checkpoint", str(foreign), "--out", str(tmp_path / "o"), "--version", "1"]
+    )
+    assert_one_line_error(done, "is not a pvqc checkpoint")
+
+
+def test_checkpoint_of_another_architecture(smoke_run: Path, tmp_path: Path) -> None:
+    state = torch.load(smoke_run / "best.pt", weights_only=False)
+    state["config"]["architecture"] = "efficientnet_lite2"  # lite0 weights claiming to be lite2
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    assert state["format"] == CHECKPOINT_FORMAT
+    done = run(
+        ["training.export", "--checkpoint", str(other), "--out", str(tmp_path / "o"), "--version", "1"]
+    )
+    assert_one_line_error(done, "do not fit efficientnet_lite2")
+
+
+def test_resume_with_another_architecture(smoke_run: Path, tmp_path: Path) -> None:
+    done = run(
+        [
+            "training.train",
+            "--set",
+            "architecture=efficientnet_lite2",
+            f"out_dir={tmp_path}",
+            "--resume",
+            str(smoke_run / "last.pt"),
+        ]
+    )
+    assert_one_line_error(done, "holds a efficientnet_lite0 network")

