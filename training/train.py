@@ -133,11 +133,15 @@ class TrainingView(nn.Module):
         return self.model.logits_from_features(self.model.late_features(x.float(), self.start))
 
 
+def early_modules(model: CellClassifier, blocks: int) -> list[nn.Module]:
+    return [model.backbone.conv_stem, model.backbone.bn1, *model.backbone.blocks[:blocks]]
+
+
 def freeze_early(model: CellClassifier, blocks: int) -> None:
     """Keep stem and blocks[:blocks] at their ImageNet weights (and their batch-norm statistics)."""
     if blocks > model.num_blocks:
         raise ConfigError(f"freeze_blocks={blocks} but {model.architecture} has {model.num_blocks} blocks")
-    for module in [model.backbone.conv_stem, model.backbone.bn1, *model.backbone.blocks[:blocks]]:
+    for module in early_modules(model, blocks):
         module.eval()
         for p in module.parameters():
             p.requires_grad_(False)
@@ -146,7 +150,7 @@ def freeze_early(model: CellClassifier, blocks: int) -> None:
 def set_train_mode(model: CellClassifier, frozen_blocks: int) -> None:
     model.train()
     if frozen_blocks:
-        for module in [model.backbone.conv_stem, model.backbone.bn1, *model.backbone.blocks[:frozen_blocks]]:
+        for module in early_modules(model, frozen_blocks):
             module.eval()
 
 
@@ -272,7 +276,7 @@ def main(config: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
         train_inputs = torch.from_numpy(train.images)[:, None]
         val_inputs = torch.from_numpy(val.images)[:, None].float()
 
-    view_model: nn.Module = TrainingView(model, start_block, config.cache_frozen)
+    view_model = TrainingView(model, start_block, config.cache_frozen)
     wrapped: nn.Module = view_model
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(
@@ -289,7 +293,8 @@ def main(config: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
         total_steps=config.epochs * steps_per_epoch,
         pct_start=config.warmup_fraction,
     )
-    first_epoch, best_auc, history = 0, -1.0, []
+    first_epoch, best_auc = 0, -1.0
+    history: list[dict[str, float]] = []
     if resume is not None:
         first_epoch, best_auc, history = restore(resume, config, model, optimizer, scheduler)
 
