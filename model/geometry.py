@@ -1,0 +1,647 @@
+"""Module geometry: find a solar module in an EL frame, correct its perspective, cut the cell grid.
+
+Owns: `cut_module` (the one entry point training and serving share, so reviewed modules are cut
+exactly as serving cut them), `find_modules` (every module in view), the result types `ModuleGeometry`
+and `CellCut`, and `draw_grid` (the found grid over a frame, for test pictures and the review page).
+
+How it works, top to bottom:
+1. Locate on a downscaled copy (bounded memory and time): Otsu threshold of the glowing cells, a
+   closing that bridges the dark gaps and cracks, outer contours; each plausible contour becomes a
+   quadrilateral whose sides are RANSAC-fitted to the contour (so cut cell corners and dark border
+   cells do not pull the corners). Contours touching the frame edge are modules cut off: ignored.
+2. Rectify: a perspective warp of the full-resolution frame to an upright module image at a fixed
+   pitch per cell, keeping the measured cell aspect (half-cut cells are 2:1), with a margin around.
+3. Grid: every inner gap line is searched near its evenly divided position, band by band (one band
+   per row or column of cells), as the darkest valley of the band's profile; the outer lines as the
+   step into the glowing cells. A straight line is fitted through the band positions, so uneven gaps
+   and slightly tilted lines are followed.
+4. Check: the confidence is, for the weaker of the two axes, the share of (line, band) places where a
+   clear gap lies on the line. Busbars, cracks and noise give fainter valleys, so a wrong rows x cols
+   lands its lines on them and scores low; below MIN_CONFIDENCE the result is ok=False, no cells.
+5. Cut: each cell's quadrilateral is mapped back to the frame and resampled once, from the original
+   pixels, to cell_size x cell_size.
+A frame that is already a rectified module filling the image (no background) skips step 1 and is
+cut evenly (the gaps only vouch for the grid), so a mosaic of cells comes back tile for tile.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from model.preprocess import ImageFormatError, resize_cell, to_grey_u8
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS = 64_000_000  # refuse larger frames: a 16-bit 64 MP frame already costs ~0.5 GB to convert
+MIN_SIDE = 32  # smaller frames cannot hold a module worth judging
+LOCATE_SIDE = 1024  # the long side of the copy the module is located on
+RECTIFIED_PITCH = 80  # pixels per cell (along x) in the rectified image the grid is searched in
+SEARCH_FRACTION = 0.13  # gap search window, +- this fraction of a pitch around the even position
+MIN_VALLEY_CONTRAST = 0.04  # weaker valleys do not steer a line (relative darkness)
+GAP_RELATIVE = 0.65  # ... and at least this fraction as dark as the band's darkest lines
+GAP_CONTRAST = 0.15  # a valley this dark is a gap between cells; texture and noise stay below 0.1
+LINE_TOLERANCE = 0.05  # band positions further than this fraction of a pitch from the line are outliers
+FIT_TOLERANCE = 0.02  # ... and those further than this do not steer the fitted line
+MAX_LINE_SLOPE = 0.05  # a grid line in the rectified module tilts at most this much
+MIN_CONFIDENCE = 0.55  # below this the found gaps do not support the configured grid
+UNCHECKED_CONFIDENCE = 0.6  # a 1x1 grid: nothing contradicts it, nothing confirms it
+MIN_CELL_ASPECT, MAX_CELL_ASPECT = 0.4, 2.6  # cell height / width: square, half-cut 1:2 or 2:1
+MIN_MODULE_FRACTION = 0.02  # a module covers at least this fraction of the frame
+FILLING_FRACTION = 0.95  # a bright area spanning this much of both sides is a rectified module
+EDGE_MARGIN = 0.15  # searched beyond the located outline for the outer cell edges, fraction of a pitch
+
+
+@dataclass(frozen=True)
+class CellCut:
+    """One cell: its place in the upright module, its resampled image, its outline in the frame."""
+
+    row: int
+    col: int
+    image: np.ndarray  # (cell_size, cell_size) uint8
+    polygon: np.ndarray  # (4, 2) float32, frame pixels, clockwise from top-left
+
+
+@dataclass(frozen=True)
+class ModuleGeometry:
+    """The module found in a frame; `ok=False` carries a reason a person can act on and no cells.
+
+    `rows`/`cols` are as the module appears in the frame; `corners` (frame pixels, clockwise from
+    top-left) may be set on a refusal, to show what was found; `confidence` is in [0, 1].
+    """
+
+    ok: bool
+    reason: str | None
+    confidence: float
+    rows: int
+    cols: int
+    corners: np.ndarray | None  # (4, 2) float32 frame pixels, clockwise from top-left
+    cells: list[CellCut] = field(default_factory=list)
+    modules_in_view: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def refused(
+    reason: str,
+    rows: int,
+    cols: int,
+    corners: np.ndarray | None = None,
+    modules_in_view: int = 0,
+    notes: list[str] | None = None,
+) -> ModuleGeometry:
+    log.info("module geometry refused: %s", reason)
+    return ModuleGeometry(False, reason, 0.0, rows, cols, corners, [], modules_in_view, notes or [])
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry points
+
+
+def cut_module(
+    frame: np.ndarray, rows: int, cols: int, cell_size: int, *, max_pixels: int = MAX_PIXELS
+) -> ModuleGeometry:
+    """Find the largest plausible module in `frame`, rectify it and cut rows x cols cells.
+
+    Never raises for a bad image: every failure is `ok=False` with a reason (serving answers REVIEW).
+    """
+    modules = find_modules(frame, rows, cols, cell_size, max_pixels=max_pixels)
+    return modules[0]
+
+
+def find_modules(
+    frame: np.ndarray, rows: int, cols: int, cell_size: int, *, max_pixels: int = MAX_PIXELS
+) -> list[ModuleGeometry]:
+    """Every plausible module in view, largest first (at least one result, possibly not ok)."""
+    try:
+        return _find_modules(frame, rows, cols, cell_size, max_pixels)
+    except Exception as exc:  # the promise to serving: a bad frame is a REVIEW, never a 500
+        log.exception("module geometry failed")
+        return [refused(f"module geometry failed on this frame: {type(exc).__name__}: {exc}", rows, cols)]
+
+
+def draw_grid(frame: np.ndarray, geometry: ModuleGeometry, thickness: int = 0) -> np.ndarray:
+    """A BGR copy of `frame` with the module outline (green) and every cell polygon (red) drawn."""
+    grey = to_grey_u8(frame)
+    picture = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    thickness = thickness or max(1, round(max(grey.shape) / 800))
+    for cell in geometry.cells:
+        points = np.round(cell.polygon).astype(np.int32).reshape(-1, 1, 2)
+        cv2.polylines(picture, [points], True, (0, 0, 255), thickness, cv2.LINE_AA)
+    if geometry.corners is not None:
+        points = np.round(geometry.corners).astype(np.int32).reshape(-1, 1, 2)
+        cv2.polylines(picture, [points], True, (0, 255, 0), thickness, cv2.LINE_AA)
+    return picture
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks and locating
+
+
+def check_frame(frame: object, rows: int, cols: int, cell_size: int, max_pixels: int) -> str | None:
+    """The reason this input cannot be a module frame, or None."""
+    if rows < 1 or cols < 1:
+        return f"expected a grid of at least 1x1 cells, got rows={rows} cols={cols}"
+    if cell_size < 1:
+        return f"expected a positive cell size, got {cell_size}"
+    if not isinstance(frame, np.ndarray):
+        return f"expected the frame as a numpy array, got {type(frame).__name__}"
+    if frame.ndim not in (2, 3) or frame.size == 0:
+        return f"expected a 2-D grey frame, got shape {frame.shape}"
+    height, width = frame.shape[:2]
+    if height * width > max_pixels:
+        return f"frame of {width}x{height} pixels exceeds the limit of {max_pixels} pixels"
+    if frame.dtype.kind == "f" and not np.isfinite(frame).all():
+        return "frame holds NaN or infinite values: expected grey levels"
+    if min(height, width) < MIN_SIDE:
+        return f"frame of {width}x{height} pixels is too small to hold a module (at least {MIN_SIDE})"
+    return None
+
+
+def _find_modules(
+    frame: np.ndarray, rows: int, cols: int, cell_size: int, max_pixels: int
+) -> list[ModuleGeometry]:
+    problem = check_frame(frame, rows, cols, cell_size, max_pixels)
+    if problem:
+        return [refused(problem, rows, cols)]
+    try:
+        grey = to_grey_u8(frame)
+    except ImageFormatError as exc:
+        return [refused(str(exc), rows, cols)]
+    small, scale = downscale(grey, LOCATE_SIDE)
+    if float(small.std()) < 2.0:
+        return [refused("blank frame: no contrast, no module in view", rows, cols)]
+
+    mask = module_mask(small)
+    if filling_region(mask):
+        # No background around the bright area: a module already rectified to fill the image.
+        height, width = grey.shape
+        # Outer pixel edges (pixel centres are integers), so a mosaic of tiles is cut back exactly.
+        corners = np.array([[0, 0], [width, 0], [width, height], [0, height]], np.float32) - 0.5
+        return [grid_and_cut(grey, corners, rows, cols, cell_size, 1, ["rectified input"], find_edges=False)]
+    candidates, partial = module_candidates(mask)
+    if not candidates:
+        if partial:
+            return [refused("the module is cut off at the frame edge: frame the whole module", rows, cols)]
+        return [refused("no module found: no bright rectangular region of plausible size", rows, cols)]
+
+    notes = []
+    if partial:
+        notes.append(f"{partial} module(s) cut off at the frame edge ignored")
+    if len(candidates) > 1:
+        notes.append(f"{len(candidates)} modules in view; the largest is judged")
+    results = []
+    for quad in candidates:
+        corners = (quad / scale).astype(np.float32)
+        results.append(grid_and_cut(grey, corners, rows, cols, cell_size, len(candidates), list(notes)))
+    return results
+
+
+def downscale(grey: np.ndarray, long_side: int) -> tuple[np.ndarray, float]:
+    """A copy whose long side is at most `long_side`, and the factor applied."""
+    scale = min(1.0, long_side / max(grey.shape))
+    if scale >= 1.0:
+        return grey, 1.0
+    size = (max(1, round(grey.shape[1] * scale)), max(1, round(grey.shape[0] * scale)))
+    return cv2.resize(grey, size, interpolation=cv2.INTER_AREA), scale
+
+
+def module_mask(small: np.ndarray) -> np.ndarray:
+    """Glowing area: Otsu on a blurred copy, closed so gaps, busbars and cracks do not split it."""
+    blurred = cv2.GaussianBlur(small, (5, 5), 0)
+    _, mask = cv2.threshold(blurred, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    side = max(3, round(max(small.shape) * 0.015)) | 1  # wider than a gap, narrower than two modules' gap
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (side, side))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
+    # Opening removes speckle (noise, small reflections) that could join a module to clutter.
+    return cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
+
+
+def filling_region(mask: np.ndarray) -> bool:
+    """Does the bright area span (nearly) the whole frame, with no background around it?
+
+    The union of all bright pixels is used: in a single cell or a mosaic, busbars and dark cells may
+    split the glow into pieces that no closing should bridge.
+    """
+    points = cv2.findNonZero(mask)
+    if points is None:
+        return False
+    _, _, w, h = cv2.boundingRect(points)
+    height, width = mask.shape
+    return w >= FILLING_FRACTION * width and h >= FILLING_FRACTION * height
+
+
+def module_candidates(mask: np.ndarray) -> tuple[list[np.ndarray], int]:
+    """Plausible modules' quadrilaterals (small-image pixels), largest first; and how many touch the edge."""
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    height, width = mask.shape
+    min_area = MIN_MODULE_FRACTION * height * width
+    found: list[tuple[float, np.ndarray]] = []
+    partial = 0
+    for contour in contours:
+        area = cv2.contourArea(contour)
+        if area < min_area:
+            continue
+        x, y, w, h = cv2.boundingRect(contour)
+        if x <= 1 or y <= 1 or x + w >= width - 1 or y + h >= height - 1:
+            partial += 1
+            continue
+        quad = fit_quadrilateral(contour.reshape(-1, 2).astype(np.float32))
+        if quad is None:
+            continue
+        quad_area = cv2.contourArea(quad)
+        # A module's glowing area fills its quadrilateral; clutter and L-shapes do not.
+        if quad_area <= 0 or area / quad_area < 0.8 or area / quad_area > 1.1:
+            continue
+        found.append((quad_area, quad))
+    found.sort(key=lambda item: -item[0])
+    return [quad for _, quad in found], partial
+
+
+def order_clockwise(points: np.ndarray) -> np.ndarray:
+    """(4, 2) corners clockwise (in image coordinates) starting at the top-left one."""
+    centre = points.mean(axis=0)
+    angles = np.arctan2(points[:, 1] - centre[1], points[:, 0] - centre[0])
+    ordered = points[np.argsort(angles)]  # from -pi: top-left first for tilts under 45 degrees
+    start = int(np.argmin(ordered[:, 0] + ordered[:, 1]))
+    return np.roll(ordered, -start, axis=0).astype(np.float32)
+
+
+def fit_quadrilateral(points: np.ndarray) -> np.ndarray | None:
+    """Four corners of a contour: the sides of its minimum-area rectangle, each refitted to the contour.
+
+    Each contour point votes for the rectangle side it lies nearest to; a line is fitted to each
+    side's votes and refitted on its inliers, so a dark cell at the border (a notch), cut cell
+    corners and rounded frame corners do not pull the corners, while perspective is followed.
+    """
+    if len(points) < 8:
+        return None
+    box = order_clockwise(cv2.boxPoints(cv2.minAreaRect(points)).astype(np.float32))
+    perimeter = cv2.arcLength(box.reshape(-1, 1, 2), True)
+    tolerance = max(1.5, 0.0015 * perimeter)  # a few pixels: an outline is straight to within its jaggies
+    distances, alongs = [], []
+    for i in range(4):
+        a, b = box[i], box[(i + 1) % 4]
+        length = max(float(np.hypot(*(b - a))), 1e-6)
+        unit = (b - a) / length
+        relative = points - a
+        distances.append(np.abs(relative @ np.array([-unit[1], unit[0]])))
+        alongs.append((relative @ unit) / length)
+    nearest = np.argmin(np.stack(distances), axis=0)
+    lines = []
+    for i in range(4):
+        chosen = (nearest == i) & (alongs[i] > 0.1) & (alongs[i] < 0.9)
+        line = fit_side(points[chosen], tolerance)
+        if line is None:
+            return box
+        lines.append(line)
+    corners = [intersect(lines[i - 1], lines[i]) for i in range(4)]
+    if any(c is None for c in corners):
+        return box
+    quad = np.array(corners, dtype=np.float32)
+    # A corner far from the rectangle's means a side fit was fooled: keep the rectangle.
+    if float(np.abs(quad - box).max()) > 0.08 * perimeter:
+        return box
+    return order_clockwise(quad)
+
+
+def fit_side(points: np.ndarray, tolerance: float, tries: int = 128) -> np.ndarray | None:
+    """(vx, vy, x0, y0) of the line through most of `points` (RANSAC, then least squares on inliers).
+
+    RANSAC because a dark border cell leaves a notch of up to a third of a short side's points,
+    enough to tilt any weighted fit; the seed is fixed so a frame always gets the same answer.
+    """
+    if len(points) < 5:
+        return None
+    rng = np.random.default_rng(0)
+    pairs = rng.integers(0, len(points), size=(tries, 2))
+    best, best_count = None, 0
+    for i, j in pairs:
+        direction = points[j] - points[i]
+        length = float(np.hypot(*direction))
+        if length < 4 * tolerance:
+            continue
+        normal = np.array([-direction[1], direction[0]]) / length
+        count = int((np.abs((points - points[i]) @ normal) <= tolerance).sum())
+        if count > best_count:
+            best, best_count = (points[i], normal), count
+    if best is None:
+        return None
+    origin, normal = best
+    inliers = points[np.abs((points - origin) @ normal) <= tolerance].astype(np.float32)
+    return cv2.fitLine(inliers, cv2.DIST_L2, 0, 0.01, 0.01).reshape(4).astype(np.float64)
+
+
+def intersect(first: np.ndarray, second: np.ndarray) -> np.ndarray | None:
+    """The crossing of two (vx, vy, x0, y0) lines, or None when they are (nearly) parallel."""
+    v1, p1, v2, p2 = first[:2], first[2:], second[:2], second[2:]
+    det = v1[0] * (-v2[1]) - v1[1] * (-v2[0])
+    if abs(det) < 1e-9:
+        return None
+    t = ((p2[0] - p1[0]) * (-v2[1]) - (p2[1] - p1[1]) * (-v2[0])) / det
+    return p1 + t * v1
+
+
+# ---------------------------------------------------------------------------------------------
+# rectify, grid, cut
+
+
+def side_lengths(corners: np.ndarray) -> tuple[float, float]:
+    """Mean width (top and bottom sides) and mean height (left and right sides) of a quadrilateral."""
+    tl, tr, br, bl = corners
+    width = (np.hypot(*(tr - tl)) + np.hypot(*(br - bl))) / 2
+    height = (np.hypot(*(bl - tl)) + np.hypot(*(br - tr))) / 2
+    return float(width), float(height)
+
+
+def grid_and_cut(
+    grey: np.ndarray,
+    corners: np.ndarray,
+    rows: int,
+    cols: int,
+    cell_size: int,
+    modules_in_view: int,
+    notes: list[str],
+    find_edges: bool = True,
+) -> ModuleGeometry:
+    """Rectify the module inside `corners`, find its gaps, cut the cells."""
+    width, height = side_lengths(corners)
+    if width < cols * 4 or height < rows * 4:
+        return refused(
+            f"module of {width:.0f}x{height:.0f} pixels is too small for {rows}x{cols} cells", rows, cols
+        )
+    aspect = (height / rows) / (width / cols)  # cell height / width under the configured grid
+    if not MIN_CELL_ASPECT <= aspect <= MAX_CELL_ASPECT:
+        transposed = (height / cols) / (width / rows)
+        hint = ""
+        if MIN_CELL_ASPECT <= transposed <= MAX_CELL_ASPECT:
+            hint = f"; it looks like {cols}x{rows} (rows x cols as the module appears in the frame)"
+        return refused(
+            f"module outline {width:.0f}x{height:.0f} does not fit a {rows}x{cols} grid{hint}",
+            rows,
+            cols,
+            corners=corners,
+            modules_in_view=modules_in_view,
+            notes=notes,
+        )
+
+    pitch_x = float(RECTIFIED_PITCH)
+    pitch_y = float(np.clip(RECTIFIED_PITCH * aspect, 8, 4 * RECTIFIED_PITCH))
+    # Around a located outline, keep a margin so the true outer cell edges can be searched; a frame
+    # that is the module has nothing outside it to search.
+    margin = EDGE_MARGIN if find_edges else 0.0
+    margin_x, margin_y = margin * pitch_x, margin * pitch_y
+    rect_w, rect_h = round(cols * pitch_x + 2 * margin_x), round(rows * pitch_y + 2 * margin_y)
+    target = np.array(
+        [[0, 0], [cols * pitch_x, 0], [cols * pitch_x, rows * pitch_y], [0, rows * pitch_y]], dtype=np.float32
+    ) + np.array([margin_x, margin_y], dtype=np.float32)
+    to_rect = cv2.getPerspectiveTransform(corners.astype(np.float32), target)
+    # Bilinear (warps have no area mode): band profiles average hundreds of samples per gap, so a
+    # gap thinner than the sampling step still darkens them.
+    rectified = cv2.warpPerspective(
+        grey, to_rect, (rect_w, rect_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
+    xs, x_support = grid_lines(rectified, cols, rows, (pitch_x, pitch_y), (margin_x, margin_y), find_edges)
+    ys, y_support = grid_lines(rectified.T, rows, cols, (pitch_y, pitch_x), (margin_y, margin_x), find_edges)
+    # Each axis must be supported on its own: a right column count cannot vouch for a wrong row count.
+    axes = [float(np.mean(support)) for support in (x_support, y_support) if support]
+    confidence = min(axes) if axes else UNCHECKED_CONFIDENCE
+    if not axes:
+        notes = [*notes, "a 1x1 grid has no gaps to check"]
+    if not find_edges:
+        # A rectified module is cut evenly: the gaps only vouch for the grid. Tiles composed edge to
+        # edge then come back unchanged, and an upstream rectifier's layout is kept.
+        xs = [(k * pitch_x, 0.0) for k in range(cols + 1)]
+        ys = [(k * pitch_y, 0.0) for k in range(rows + 1)]
+    from_rect = np.linalg.inv(to_rect)
+    cells = cut_cells(grey, from_rect, xs, ys, rows, cols, cell_size)
+    if confidence < MIN_CONFIDENCE:
+        where = "no module outline found, and the whole frame" if not find_edges else "the module found"
+        return ModuleGeometry(
+            False,
+            f"{where} does not show a {rows}x{cols} grid of cells (gap confidence {confidence:.2f} < "
+            f"{MIN_CONFIDENCE}); check the line's rows and cols, or the frame",
+            confidence,
+            rows,
+            cols,
+            corners,
+            [],  # no cells: nothing from a doubtful grid must reach the classifier
+            modules_in_view,
+            notes,
+        )
+    return ModuleGeometry(True, None, confidence, rows, cols, corners, cells, modules_in_view, notes)
+
+
+def valley_strength(profile: np.ndarray, width: int) -> np.ndarray:
+    """Black-hat of a 1-D profile relative to its local level: how much darker than its surroundings."""
+    column = profile.astype(np.float32).reshape(1, -1)
+    kernel = np.ones((1, width), np.uint8)
+    closed = cv2.morphologyEx(column, cv2.MORPH_CLOSE, kernel, borderType=cv2.BORDER_REPLICATE)
+    return ((closed - column) / np.maximum(closed, 8.0)).reshape(-1)
+
+
+def grid_lines(
+    image: np.ndarray,
+    count: int,
+    across: int,
+    pitches: tuple[float, float],
+    margins: tuple[float, float],
+    find_edges: bool,
+) -> tuple[list[tuple[float, float]], list[float]]:
+    """The count+1 vertical lines of `image` as (offset, slope): x = offset + slope * y.
+
+    Pass the transposed rectified image for the horizontal lines. Inner lines are the darkest valley
+    near each even position; the outer two are the steepest step into the glowing cells when
+    `find_edges`, else the image border. Also returns, per inner line, the fraction of bands whose
+    valley lies on the fitted line: the evidence that the configured grid is what is imaged.
+    """
+    pitch, pitch_across = pitches
+    margin, margin_across = margins
+    band_edges = margin_across + np.arange(across + 1) * pitch_across
+    centres = (band_edges[:-1] + band_edges[1:]) / 2
+    window = max(2, round(SEARCH_FRACTION * pitch))
+    profiles = []
+    for band in range(across):
+        # The middle 70% of a band, away from the gaps that cross it.
+        lo = round(band_edges[band] + 0.15 * pitch_across)
+        hi = max(lo + 1, round(band_edges[band + 1] - 0.15 * pitch_across))
+        profile = image[lo:hi].mean(axis=0, dtype=np.float32)
+        profiles.append(cv2.GaussianBlur(profile.reshape(1, -1), (5, 1), 0).reshape(-1))
+    strengths = [valley_strength(profile, max(3, round(0.3 * pitch)) | 1) for profile in profiles]
+    inside = (round(margin + 0.05 * pitch), round(margin + (count - 0.05) * pitch))
+    references = np.array(
+        [gap_reference(strength[inside[0] : inside[1]], count - 1) for strength in strengths]
+    )
+    lines: list[tuple[float, float]] = []
+    supports = []
+    for k in range(count + 1):
+        expected = margin + k * pitch
+        if k in (0, count):
+            if not find_edges:
+                lines.append((expected, 0.0))
+                continue
+            rising = k == 0
+            found = [best_edge(profile, expected, window, rising) for profile in profiles]
+            line, _ = fit_line(centres, found, expected, pitch)
+        else:
+            found = [best_valley(strengths[band], expected, window) for band in range(across)]
+            line, support = fit_line(centres, found, expected, pitch, references)
+            supports.append(support)
+        lines.append(line)
+    if find_edges and count >= 3:
+        lines[0], lines[-1] = steady_edges(lines)
+    return lines, supports
+
+
+def steady_edges(lines: list[tuple[float, float]]) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Outer lines averaged with one median inner pitch beyond the outermost inner lines.
+
+    A cell's glow ramps up over its first few pixels, so the steepest step lies a little inside the
+    true edge; the inner gaps have no such bias, and averaging halves the step's bias.
+    """
+    offsets = np.array([offset for offset, _ in lines[1:-1]])
+    pitch = float(np.median(np.diff(offsets)))
+    first, last = lines[1], lines[-2]
+    left = ((lines[0][0] + first[0] - pitch) / 2, (lines[0][1] + first[1]) / 2)
+    right = ((lines[-1][0] + last[0] + pitch) / 2, (lines[-1][1] + last[1]) / 2)
+    return left, right
+
+
+def gap_reference(strength: np.ndarray, gaps: int) -> float:
+    """How dark this band's gaps should be: the median of its `gaps` strongest valleys.
+
+    If the configured grid is right, its gaps are the darkest lines across the band and each found
+    gap is close to this; a wrong grid lands its lines on busbars, about half as dark.
+    """
+    if gaps < 1 or len(strength) < 3:
+        return 0.0
+    middle = strength[1:-1]
+    peaks = middle[(middle >= strength[:-2]) & (middle > strength[2:])]
+    if len(peaks) == 0:
+        return 0.0
+    return float(np.median(np.sort(peaks)[-gaps:]))
+
+
+def best_edge(profile: np.ndarray, expected: float, window: int, rising: bool) -> tuple[float, float]:
+    """Sub-pixel position and relative height of the steepest step into the cells near `expected`."""
+    gradient = np.gradient(profile) / max(float(np.percentile(profile, 90)), 8.0)
+    return best_valley(gradient if rising else -gradient, expected, window)
+
+
+def best_valley(strength: np.ndarray, expected: float, window: int) -> tuple[float, float]:
+    """Sub-pixel position and strength of the strongest valley within +-window of `expected`."""
+    lo = max(1, round(expected) - window)
+    hi = min(len(strength) - 1, round(expected) + window + 1)
+    if hi <= lo:
+        return expected, 0.0
+    offsets = np.arange(lo, hi) - expected
+    # A mild pull towards the even position: a busbar as dark as the gap loses to the gap.
+    prior = 1.0 - 0.3 * (offsets / window) ** 2
+    i = int(np.argmax(strength[lo:hi] * prior)) + lo
+    left, centre, right = strength[i - 1], strength[i], strength[i + 1]
+    curvature = left - 2 * centre + right
+    shift = 0.5 * (left - right) / curvature if curvature < -1e-9 else 0.0
+    return i + float(np.clip(shift, -0.5, 0.5)), float(centre)
+
+
+def fit_line(
+    centres: np.ndarray,
+    found: list[tuple[float, float]],
+    expected: float,
+    pitch: float,
+    references: np.ndarray | None = None,
+) -> tuple[tuple[float, float], float]:
+    """A straight line through the bands' valley positions; weak valleys and outliers are dropped."""
+    at = np.asarray(centres, dtype=np.float64)
+    positions = np.array([p for p, _ in found])
+    strengths = np.array([s for _, s in found])
+    keep = strengths >= MIN_VALLEY_CONTRAST
+    if not keep.any():
+        return (expected, 0.0), 0.0
+    offset, slope = robust_line(at[keep], positions[keep], strengths[keep], FIT_TOLERANCE * pitch)
+    residual = np.abs(positions - (offset + slope * at))
+    # Support counts only clear gaps: busbars, cracks and noise make fainter valleys anywhere.
+    clear = strengths >= GAP_CONTRAST
+    if references is not None:
+        clear &= strengths >= GAP_RELATIVE * references
+    support = float((clear & (residual <= LINE_TOLERANCE * pitch)).mean())
+    return (float(offset), float(slope)), support
+
+
+def robust_line(
+    at: np.ndarray, positions: np.ndarray, weights: np.ndarray, tolerance: float
+) -> tuple[float, float]:
+    """(offset, slope) of position = offset + slope * at, agreeing with most of the (weighted) points.
+
+    Every line through two points (and every level line through one) is tried, the one with the most
+    weight within `tolerance` wins, then least squares on its inliers. A band whose darkest valley is
+    a crack or a busbar is an outlier this drops, where a first least-squares fit would tilt towards it.
+    """
+    candidates = [(float(p), 0.0) for p in positions]
+    for i in range(len(at)):
+        for j in range(i + 1, len(at)):
+            if at[j] != at[i]:
+                slope = float((positions[j] - positions[i]) / (at[j] - at[i]))
+                candidates.append((float(positions[i] - slope * at[i]), slope))
+    # Perspective is already corrected: only a slight tilt is believable.
+    candidates = [(o, s) for o, s in candidates if abs(s) <= MAX_LINE_SLOPE]
+    if not candidates:
+        return float(np.median(positions)), 0.0
+    scores = [float(weights[np.abs(positions - (o + s * at)) <= tolerance].sum()) for o, s in candidates]
+    offset, slope = candidates[int(np.argmax(scores))]
+    inliers = np.abs(positions - (offset + slope * at)) <= tolerance
+    if inliers.sum() >= 3:
+        slope, offset = (float(v) for v in np.polyfit(at[inliers], positions[inliers], 1, w=weights[inliers]))
+        slope = float(np.clip(slope, -MAX_LINE_SLOPE, MAX_LINE_SLOPE))
+        offset = float(np.average(positions[inliers] - slope * at[inliers], weights=weights[inliers]))
+    return offset, slope
+
+
+def crossing(vertical: tuple[float, float], horizontal: tuple[float, float]) -> tuple[float, float]:
+    """Where x = a + b*y meets y = c + d*x."""
+    a, b = vertical
+    c, d = horizontal
+    x = (a + b * c) / (1.0 - b * d)
+    return x, c + d * x
+
+
+def cut_cells(
+    grey: np.ndarray,
+    from_rect: np.ndarray,
+    xs: list[tuple[float, float]],
+    ys: list[tuple[float, float]],
+    rows: int,
+    cols: int,
+    cell_size: int,
+) -> list[CellCut]:
+    """Each cell's quadrilateral mapped to the frame and resampled once from the frame's own pixels."""
+    grid = np.array([[crossing(xs[c], ys[r]) for c in range(cols + 1)] for r in range(rows + 1)])
+    in_frame = cv2.perspectiveTransform(grid.reshape(-1, 1, 2), from_rect).reshape(rows + 1, cols + 1, 2)
+    cells = []
+    for r in range(rows):
+        for c in range(cols):
+            polygon = np.array(
+                [in_frame[r, c], in_frame[r, c + 1], in_frame[r + 1, c + 1], in_frame[r + 1, c]],
+                dtype=np.float32,
+            )
+            cells.append(CellCut(r, c, resample_cell(grey, polygon, cell_size), polygon))
+    return cells
+
+
+def resample_cell(grey: np.ndarray, polygon: np.ndarray, cell_size: int) -> np.ndarray:
+    """The quadrilateral `polygon` of `grey` as a cell_size x cell_size image.
+
+    A cell much larger in the frame than cell_size is warped at its own size first and then shrunk
+    with area interpolation (resize_cell), so thin cracks are not lost to aliasing.
+    """
+    side = float(max(np.hypot(*(polygon[1] - polygon[0])), np.hypot(*(polygon[3] - polygon[0]))))
+    size = round(side) if side > 1.5 * cell_size else cell_size
+    # Pixel edges, not centres: the polygon's corners are the outer corners of the output's pixels.
+    target = np.array([[0, 0], [size, 0], [size, size], [0, size]], dtype=np.float32) - 0.5
+    warp = cv2.getPerspectiveTransform(polygon + 0.0, target)
+    cell = cv2.warpPerspective(
+        grey, warp, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
+    )
+    return resize_cell(cell, cell_size)

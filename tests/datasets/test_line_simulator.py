@@ -1,0 +1,84 @@
+"""The line simulator posts PNG frames to the module route with the right headers and grid."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+
+import datasets.line_simulator as simulator
+from datasets.elpv import load_elpv
+
+
+def test_posts_frames_to_the_module_route() -> None:
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"verdict": "PASS"})
+
+    args = simulator.parse_args(
+        [
+            "--url",
+            "http://pvqc.test/",
+            "--line",
+            "L7",
+            "--rate",
+            "200",
+            "--count",
+            "3",
+            "--rows",
+            "4",
+            "--cols",
+            "6",
+            "--cell-px",
+            "40",
+            "--api-key",
+            "secret",
+        ]
+    )
+    cells = load_elpv(indices=np.arange(40))
+    outcomes = simulator.run(args, cells, client=httpx.Client(transport=httpx.MockTransport(answer)))
+    assert outcomes == {"PASS": 3}
+    assert len(seen) == 3
+    for request in seen:
+        assert request.method == "POST"
+        assert request.url.path == "/lines/L7/modules"
+        assert dict(request.url.params) == {"rows": "4", "cols": "6"}
+        assert request.headers["content-type"] == "image/png"
+        assert request.headers["x-module-serial"].startswith("SIM-L7-")
+        assert request.headers["x-frame-id"]
+        assert request.headers["x-api-key"] == "secret"
+        image = cv2.imdecode(np.frombuffer(request.content, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert image is not None and image.ndim == 2 and image.dtype == np.uint8
+    assert len({r.headers["x-module-serial"] for r in seen}) == 3
+    assert len({r.headers["x-frame-id"] for r in seen}) == 3
+
+
+def test_unreachable_service_is_counted_not_raised() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    args = simulator.parse_args(
+        ["--rate", "500", "--count", "2", "--rows", "2", "--cols", "3", "--cell-px", "30"]
+    )
+    cells = load_elpv(indices=np.arange(10))
+    outcomes = simulator.run(args, cells, client=httpx.Client(transport=httpx.MockTransport(refuse)))
+    assert outcomes == {"error": 2}
+
+
+@pytest.mark.parametrize("argv", [["--rate", "0"], ["--rows", "0"], ["--count", "3", "--duration", "2"]])
+def test_bad_arguments_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        simulator.parse_args(argv)
+
+
+def test_does_not_import_the_service() -> None:
+    tree = ast.parse(Path(simulator.__file__).read_text())
+    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any(name.split(".")[0] in {"serving", "training"} for name in modules)
