@@ -37,6 +37,9 @@ from model.card import read_card
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models/pvqc-cell/1.0.0"
 DEV = ROOT / "var/dev-model"
+# the service under test starts with this admin key, so the load generator can authenticate
+BENCH_KEY = "pvqc_bench-key"
+AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}
 LINES = {"L60": {"rows": 6, "cols": 10}, "L144": {"rows": 6, "cols": 24}}
 
 
@@ -94,6 +97,7 @@ def start_service(args: argparse.Namespace, var_dir: Path) -> tuple[subprocess.P
         PVQC_LINES=json.dumps(LINES),
         PVQC_MAX_BATCH=str(args.batch),
         PVQC_ORT_THREADS=str(args.threads),
+        PVQC_BOOTSTRAP_ADMIN_KEY=BENCH_KEY,
     )
     command = [
         sys.executable,
@@ -141,7 +145,7 @@ def closed_loop(base: str, request: Request, clients: int, seconds: float) -> di
     stop_at = time.perf_counter() + seconds
 
     def client_loop(worker: int) -> None:
-        with httpx.Client(base_url=base, timeout=60) as client:
+        with httpx.Client(base_url=base, timeout=60, headers=AUTH) as client:
             n = 0
             while time.perf_counter() < stop_at:
                 n += 1
@@ -178,7 +182,7 @@ def open_loop(base: str, request: Request, rate: float, seconds: float) -> dict[
     lock = threading.Lock()
 
     def one(n: int) -> None:
-        with httpx.Client(base_url=base, timeout=60) as client:
+        with httpx.Client(base_url=base, timeout=60, headers=AUTH) as client:
             began = time.perf_counter()
             try:
                 request(client, 2_000_000_000 + n)
@@ -288,7 +292,7 @@ def main() -> None:
         process, base = start_service(args, Path(var_dir))
         try:
             warm = module_request("L60", frames[60])
-            with httpx.Client(base_url=base, timeout=60) as client:
+            with httpx.Client(base_url=base, timeout=60, headers=AUTH) as client:
                 for n in range(2):
                     warm(client, -1 - n)
             m60 = closed_loop(base, module_request("L60", frames[60]), args.clients, args.seconds)

@@ -1,9 +1,10 @@
 """The FastAPI application: `create_app(settings)` and the lifespan that owns every heavy object.
 
-Owns: start-up (Alembic `upgrade head`, the database engine, the frame store, the onnxruntime
-session and its micro-batcher, metrics, the event publisher) and orderly shutdown, gathered in one
-`Services` object on `app.state.services` that routes reach through `serving.deps`. Nothing heavy is
-created at import time.
+Owns: start-up (Alembic `upgrade head`, the first admin key, the database engine, the frame store,
+the onnxruntime session and its micro-batcher, metrics, the live-event hub and its broker) and
+orderly shutdown, gathered in one `Services` object on `app.state.services` that routes reach
+through `serving.deps`; which routers and static files the app serves. Nothing heavy is created at
+import time.
 """
 
 from __future__ import annotations
@@ -12,22 +13,29 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 from fastapi import FastAPI, Request, Response
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from serving.auth import KeyChecker, ensure_admin_key
 from serving.db import make_engine, upgrade_head
 from serving.errors import install_error_handlers
-from serving.events import EventPublisher, LoggingPublisher
+from serving.events import EventPublisher, InspectionCompleted
 from serving.inference import MicroBatcher, ModelRuntime, load_runtime
+from serving.live import LiveEvents, make_broker
 from serving.metrics import ServiceMetrics
 from serving.settings import Settings
 from serving.store import FrameStore
+from serving.views import PreviewCache
 
 log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).with_name("web") / "static"
 
 
 @dataclass
@@ -39,13 +47,36 @@ class Services:
     runtime: ModelRuntime
     batcher: MicroBatcher
     metrics: ServiceMetrics
-    publisher: EventPublisher
+    keys: KeyChecker
+    previews: PreviewCache
+    listeners: list[EventPublisher] = field(default_factory=list)  # besides the live hub
+    live: LiveEvents | None = None  # set by the lifespan: it needs the running event loop
+
+    @property
+    def publisher(self) -> EventPublisher:
+        return _FanOut(self)
+
+
+class _FanOut:
+    """The live hub plus any extra listener (tests, embedding scripts) hear every stored inspection."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    async def publish(self, event: InspectionCompleted) -> None:
+        if self.services.live is not None:
+            await self.services.live.publish(event)
+        for listener in self.services.listeners:
+            await listener.publish(event)
 
 
 def start_services(settings: Settings, publisher: EventPublisher | None) -> Services:
     """Everything the routes need, ready to serve (blocking: run it off the event loop)."""
     engine = make_engine(settings.resolved_database_url)
     upgrade_head(engine)
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    configured = settings.bootstrap_admin_key
+    ensure_admin_key(sessions, configured.get_secret_value() if configured else None)
     runtime = load_runtime(settings.model_dir, settings.model_variant, settings.ort_threads)
     metrics = ServiceMetrics()
     batcher = MicroBatcher(
@@ -60,12 +91,14 @@ def start_services(settings: Settings, publisher: EventPublisher | None) -> Serv
     return Services(
         settings=settings,
         engine=engine,
-        sessions=sessionmaker(engine, expire_on_commit=False),
+        sessions=sessions,
         frames=FrameStore(settings.resolved_frames_dir),
         runtime=runtime,
         batcher=batcher,
         metrics=metrics,
-        publisher=publisher or LoggingPublisher(),
+        keys=KeyChecker(sessions, settings.auth_cache_seconds),
+        previews=PreviewCache(settings.resolved_frames_dir / "previews"),
+        listeners=[publisher] if publisher is not None else [],
     )
 
 
@@ -80,27 +113,37 @@ def create_app(settings: Settings | None = None, publisher: EventPublisher | Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await anyio.to_thread.run_sync(start_services, settings, publisher)
-        app.state.services = services
+        live = LiveEvents(settings, services.sessions, make_broker(settings))
         try:
+            await live.start()
+            services.live = live
+            app.state.services = services
             yield
         finally:
+            await live.stop()
             await anyio.to_thread.run_sync(stop_services, services)
 
     app = FastAPI(
         title="pvqc inspection service",
         summary="EL frames of solar modules in, durable PASS / REVIEW / FAIL verdicts out",
         lifespan=lifespan,
+        # the schema is served behind a key by serving.routes.pages; the stock docs pages load
+        # their scripts from a CDN, which a factory network may not reach
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app)
     app.middleware("http")(_time_requests)
     _include_routers(app)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
 
 def _include_routers(app: FastAPI) -> None:
-    from serving.routes import health, inspections, lines, metrics, v2
+    from serving.routes import events, health, inspections, keys, lines, metrics, pages, review, v2
 
-    for module in (health, lines, inspections, v2, metrics):
+    for module in (health, lines, inspections, v2, metrics, keys, review, events, pages):
         app.include_router(module.router)
 
 

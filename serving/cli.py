@@ -45,6 +45,12 @@ def serve_cli(argv: list[str]) -> int:
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     log.info("pvqc serve on http://%s:%d with model %s", args.host, args.port, settings.model_dir)
     uvicorn.run(
-        create_app(settings), host=args.host, port=args.port, log_level=args.log_level, access_log=False
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        # open event streams (screens) never end by themselves: close them after 5 s on shutdown
+        timeout_graceful_shutdown=5,
     )
     return 0

@@ -1,7 +1,8 @@
 """The inspection store's tables and engine: SQLAlchemy 2 models, engine set-up, Alembic upgrade.
 
-Owns: the `inspections` and `inspection_cells` tables (the migrations in `serving/migrations` create
-them; these models must match), how an engine is made durable on SQLite (WAL + synchronous FULL,
+Owns: the `inspections` and `inspection_cells` tables, the `api_keys` table and the append-only
+`review_decisions` audit table (the migrations in `serving/migrations` create them; these models
+must match), how an engine is made durable on SQLite (WAL + synchronous FULL,
 so a committed row survives kill -9 and power loss) and PostgreSQL, and running `upgrade head` at
 start. The same models serve both databases; only the URL differs.
 """
@@ -120,6 +121,45 @@ class InspectionCell(Base):
     polygon: Mapped[list[list[float]] | None] = mapped_column(JSON, nullable=True)
 
     inspection: Mapped[Inspection] = relationship(back_populates="cells")
+
+
+class ApiKey(Base):
+    """A credential: only the SHA-256 of the key is kept, plus its first characters to recognise it."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)  # who, in the audit trail
+    role: Mapped[str] = mapped_column(String(16))  # serving.auth.Role
+    line_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # line keys: their line
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ReviewDecision(Base):
+    """One engineer's decision on a module verdict or on one cell's label; rows are never changed.
+
+    `before` is the effective label just before this decision (the model's, or the previous
+    decision's `after`), `after` the new one; the latest row per (inspection, target) is the label
+    that retraining uses. Database triggers refuse UPDATE and DELETE (migration 0002).
+    """
+
+    __tablename__ = "review_decisions"
+    __table_args__ = (Index("ix_review_decisions_inspection", "inspection_id", "id"),)
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    inspection_id: Mapped[int] = mapped_column(ForeignKey("inspections.id"))
+    target: Mapped[str] = mapped_column(String(8))  # serving.review.Target: module or cell
+    row: Mapped[int | None] = mapped_column(Integer, nullable=True)  # cells only
+    col: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    before: Mapped[dict[str, Any]] = mapped_column(JSON)
+    after: Mapped[dict[str, Any]] = mapped_column(JSON)
+    note: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    reviewer: Mapped[str] = mapped_column(String(64))  # the key's name
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
 
 def make_engine(url: str) -> Engine:

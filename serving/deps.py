@@ -1,8 +1,8 @@
 """Dependencies the routes declare: `Annotated` aliases for the services and for request pieces.
 
 Owns: reaching the lifespan's objects (never module globals), resolving a line id from the
-settings (unknown -> 404), reading a request body within the size limit, and the idempotency
-headers of the ingestion routes.
+settings (unknown -> 404; another line than a line key's own -> 403), reading a request body
+within the size limit, and the idempotency headers of the ingestion routes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Path, Request
 
 from serving.app import Services
+from serving.auth import Principal, authenticate
 from serving.errors import ApiError
 from serving.settings import LineConfig
 
@@ -27,15 +28,20 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_line(services: ServicesDep, line_id: Annotated[str, Path(max_length=64)]) -> LineConfig:
+async def get_line(
+    request: Request, services: ServicesDep, line_id: Annotated[str, Path(max_length=64)]
+) -> LineConfig:
+    principal = await authenticate(request)  # 401 before anything about lines is revealed
     line = services.settings.lines.get(line_id)
     if line is None:
-        known = ", ".join(sorted(services.settings.lines))
+        known = ", ".join(sorted(k for k in services.settings.lines if principal.may_see_line(k)))
         raise ApiError(404, f"unknown line {line_id!r}; configured lines: {known}")
+    principal.check_line(line_id)
     return line
 
 
 LineDep = Annotated[LineConfig, Depends(get_line)]
+PrincipalDep = Annotated[Principal, Depends(authenticate)]
 
 
 async def read_body(request: Request, services: ServicesDep) -> bytes:

@@ -1,9 +1,9 @@
 """Notifications that an inspection was stored, for whatever wants to listen (the live screen).
 
 Owns: the InspectionCompleted event and the EventPublisher protocol the routes call AFTER the row is
-committed. The default publisher only logs; the shop-floor screen plugs in an in-process
-broadcaster or Redis pub/sub by setting `app.state.publisher` in its lifespan. A publisher must not
-raise into the route: `publish_safely` guards that.
+committed. The app's lifespan plugs in the live-event hub (`serving/live.py`: in-process, or Redis
+pub/sub between replicas) plus any publisher passed to `create_app` (tests, scripts). A publisher
+must not raise into the route: `publish_safely` guards that.
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ class InspectionOut(InspectionSummary):
     cells: list[CellOut]
     timings_ms: dict[str, float]
     frame_url: str
+    frame_width: int  # pixels of the stored frame, the space the cell polygons are in
+    frame_height: int
 
 
 class InspectionPage(BaseModel):
@@ -96,6 +98,8 @@ def inspection_out(row: Inspection, duplicate: bool = False) -> InspectionOut:
             "cells": cells,
             "timings_ms": row.timings_ms,
             "frame_url": f"/inspections/{row.id}/frame",
+            "frame_width": row.frame_width,
+            "frame_height": row.frame_height,
         }
     )
 

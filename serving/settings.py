@@ -9,10 +9,10 @@ code forks. Nested values come from JSON env values, e.g.
 
 from __future__ import annotations
 
-from datetime import time
+from datetime import datetime, time, timedelta
 from pathlib import Path
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_DIR = Path("models/pvqc-cell/1.0.0")
@@ -70,6 +70,37 @@ class Settings(BaseSettings):
     # statistics
     stats_default_last: int = Field(default=100, ge=1)
 
+    # access: API keys with roles (serving/auth.py)
+    bootstrap_admin_key: SecretStr | None = Field(
+        default=None,
+        description="the admin key to create when no key exists; unset: a random one is made and logged once",
+    )
+    auth_cache_seconds: float = Field(default=5.0, ge=0.0, description="how long a checked key is trusted")
+    cookie_secure: bool = Field(default=False, description="mark the sign-in cookie Secure (behind HTTPS)")
+
+    # live events (serving/live.py)
+    broker_url: str = Field(
+        default="", description="redis://... to share events between replicas; empty: in-process"
+    )
+    broker_prefix: str = Field(default="pvqc", description="Redis channel and key prefix")
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0.0)
+    sse_max_clients: int = Field(default=200, ge=1, description="connected streams beyond this get 503")
+    sse_client_queue: int = Field(
+        default=256, ge=1, description="events a slow stream may lag before a resync"
+    )
+    sse_replay_events: int = Field(default=1000, ge=1, description="events kept for Last-Event-ID resumes")
+    events_min_interval_seconds: float = Field(
+        default=0.2, ge=0.0, description="a line's snapshot is recomputed at most this often"
+    )
+    alarm_check_seconds: float = Field(default=5.0, gt=0.0, description="period of the takt and window check")
+    trend_bucket_minutes: int = Field(default=10, ge=1, le=240)
+    failed_thumbnails: int = Field(default=6, ge=0, le=50)
+
+    # review
+    review_pass_sample_rate: float = Field(
+        default=0.02, ge=0.0, le=1.0, description="share of PASS modules put in the review queue"
+    )
+
     @model_validator(mode="after")
     def _lines_not_empty(self) -> Settings:
         if not self.lines:
@@ -83,3 +114,24 @@ class Settings(BaseSettings):
     @property
     def resolved_frames_dir(self) -> Path:
         return self.frames_dir or self.var_dir / "frames"
+
+
+def shift_start(line: LineConfig, now: datetime) -> datetime:
+    """The latest configured shift start at or before `now` (local time of `now`)."""
+    starts = sorted(line.shift_starts)
+    today = [now.replace(hour=s.hour, minute=s.minute, second=0, microsecond=0) for s in starts]
+    begun = [t for t in today if t <= now]
+    if begun:
+        return begun[-1]
+    return today[-1] - timedelta(days=1)  # before the first shift of the day: last night's shift
+
+
+def shift_end(line: LineConfig, start: datetime) -> datetime:
+    """When the shift that began at `start` ends: the next configured shift start after it."""
+    for day in (0, 1):
+        for s in sorted(line.shift_starts):
+            candidate = start.replace(hour=s.hour, minute=s.minute, second=0, microsecond=0)
+            candidate += timedelta(days=day)
+            if candidate > start:
+                return candidate
+    return start + timedelta(days=1)  # a single shift start: the shift lasts a day

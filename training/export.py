@@ -72,7 +72,9 @@ def operating_points(validation: dict[str, Any]) -> OperatingPoints:
     )
 
 
-def build_card(state: dict[str, Any], version: str, points: OperatingPoints, parity: float) -> ModelCard:
+def build_card(
+    state: dict[str, Any], version: str, points: OperatingPoints, parity: float, notes: str = ""
+) -> ModelCard:
     config = state["config"]
     size = int(config["image_size"])
     history = state["history"]
@@ -105,6 +107,7 @@ def build_card(state: dict[str, Any], version: str, points: OperatingPoints, par
             "hardware": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "git_commit": git_commit(),
             "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "notes": notes,
         },
         files={"fp32": FP32_FILE, "int8": INT8_FILE},
     )
@@ -117,6 +120,7 @@ def main(
     evaluate: bool,
     tta: bool,
     calibration_cells: int = CALIBRATION_CELLS,
+    notes: str = "",
 ) -> ModelCard:
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state)
@@ -133,7 +137,7 @@ def main(
     parity = check_parity(model, fp32, calibration.images[:PARITY_CELLS])
     log.info("ONNX parity on %d real cells: max |dp| = %.2e", PARITY_CELLS, parity)
     quantize_int8(fp32, out / INT8_FILE, calibration.images)
-    card = build_card(state, version, operating_points(state["validation"]), parity)
+    card = build_card(state, version, operating_points(state["validation"]), parity, notes)
     card.provenance["sha256"] = {FP32_FILE: sha256(fp32), INT8_FILE: sha256(out / INT8_FILE)}
     write_card(card, out)
     if evaluate:
@@ -152,11 +156,20 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--calibration-cells", type=int, default=CALIBRATION_CELLS, help="training cells for INT8 calibration"
     )
+    parser.add_argument("--notes", default="", help="how and where it was trained, for the card")
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="single view instead of 8")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        card = main(args.checkpoint, args.out, args.version, args.evaluate, args.tta, args.calibration_cells)
+        card = main(
+            args.checkpoint,
+            args.out,
+            args.version,
+            args.evaluate,
+            args.tta,
+            args.calibration_cells,
+            args.notes,
+        )
     except (WeightsError, DatasetError, ExportError, CardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Lines: their configuration, frame ingestion per line, and per-line pass-rate statistics.
 
 Owns: `POST /lines/{line_id}/modules` (a whole-module frame), `POST /lines/{line_id}/cells` (one
-cell), `GET /lines`, `GET /lines/{line_id}` and `GET /lines/{line_id}/stats`.
+cell), `GET /lines`, `GET /lines/{line_id}` and `GET /lines/{line_id}/stats`. Role: line or higher,
+a line key only for its own line.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
-from serving.deps import BodyDep, FrameIdentityDep, LineDep, ServicesDep
+from serving.auth import Role, require
+from serving.deps import BodyDep, FrameIdentityDep, LineDep, PrincipalDep, ServicesDep
 from serving.errors import ApiError
 from serving.pipeline import FrameRequest, inspect_cell, inspect_module
 from serving.schemas import InspectionOut, PassRateOut
-from serving.settings import LineConfig
+from serving.settings import LineConfig, shift_start
 from serving.store import pass_rate
 
-router = APIRouter(prefix="/lines", tags=["lines"])
+# every route needs a key of role line or higher; a line key only reaches its own line (LineDep)
+router = APIRouter(prefix="/lines", tags=["lines"], dependencies=[Depends(require(Role.LINE))])
 
 IMAGE_BODY = {
     "requestBody": {
@@ -40,8 +43,8 @@ class Window(enum.StrEnum):
 
 
 @router.get("")
-async def list_lines(services: ServicesDep) -> dict[str, LineConfig]:
-    return services.settings.lines
+async def list_lines(services: ServicesDep, principal: PrincipalDep) -> dict[str, LineConfig]:
+    return {k: v for k, v in services.settings.lines.items() if principal.may_see_line(k)}
 
 
 @router.get("/{line_id}")
@@ -127,13 +130,3 @@ async def line_stats(
         first_at=stats.first_at,
         last_at=stats.last_at,
     )
-
-
-def shift_start(line: LineConfig, now: datetime) -> datetime:
-    """The latest configured shift start at or before `now` (local time of `now`)."""
-    starts = sorted(line.shift_starts)
-    today = [now.replace(hour=s.hour, minute=s.minute, second=0, microsecond=0) for s in starts]
-    begun = [t for t in today if t <= now]
-    if begun:
-        return begun[-1]
-    return today[-1] - timedelta(days=1)  # before the first shift of the day: last night's shift

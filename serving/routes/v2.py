@@ -13,15 +13,19 @@ import json
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from serving.app import Services
+from serving.auth import Role, require
 from serving.deps import BodyDep, ServicesDep
 from serving.errors import ApiError
 from serving.inference import QueueFullError
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
+# the health routes stay open for probes; everything about the model needs a key (tritonclient
+# sends one through its `headers=` argument or a plugin)
+LINE = [Depends(require(Role.LINE))]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 SERVER_NAME = "pvqc"
@@ -30,7 +34,7 @@ DATATYPE = "FP32"
 NUMPY_OF = {"FP32": np.dtype("<f4")}
 
 
-@router.get("")
+@router.get("", dependencies=LINE)
 async def server_metadata() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -51,8 +55,8 @@ async def ready(services: ServicesDep) -> Response:
     return _readiness(services)
 
 
-@router.get("/models/{name}")
-@router.get("/models/{name}/versions/{version}")
+@router.get("/models/{name}", dependencies=LINE)
+@router.get("/models/{name}/versions/{version}", dependencies=LINE)
 async def model_metadata(services: ServicesDep, name: str, version: str | None = None) -> dict[str, Any]:
     _check_model(services, name, version)
     runtime = services.runtime
@@ -74,15 +78,15 @@ async def model_metadata(services: ServicesDep, name: str, version: str | None =
     }
 
 
-@router.get("/models/{name}/ready")
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/ready", dependencies=LINE)
+@router.get("/models/{name}/versions/{version}/ready", dependencies=LINE)
 async def model_ready(services: ServicesDep, name: str, version: str | None = None) -> Response:
     _check_model(services, name, version)
     return _readiness(services)
 
 
-@router.post("/models/{name}/infer")
-@router.post("/models/{name}/versions/{version}/infer")
+@router.post("/models/{name}/infer", dependencies=LINE)
+@router.post("/models/{name}/versions/{version}/infer", dependencies=LINE)
 async def infer(
     services: ServicesDep, request: Request, body: BodyDep, name: str, version: str | None = None
 ) -> Response:

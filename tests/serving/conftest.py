@@ -4,6 +4,7 @@ uvicorn server on a free port for clients that need real sockets (tritonclient).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -18,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from serving.app import create_app
 from serving.settings import LineConfig, Settings
-from tests.serving.helpers import build_tiny_model
+from tests.serving.helpers import ADMIN_KEY, AUTH, build_tiny_model
 
 PG_ADMIN_URL = os.environ.get("PVQC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -71,7 +72,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     yield url
     engine = create_engine(url)
     with engine.begin() as connection:  # the next test migrates from empty again
-        connection.execute(text("DROP TABLE IF EXISTS inspection_cells, inspections, alembic_version"))
+        connection.execute(
+            text(
+                "DROP TABLE IF EXISTS review_decisions, api_keys, inspection_cells, inspections, "
+                "alembic_version"
+            )
+        )
+        connection.execute(text("DROP FUNCTION IF EXISTS review_decisions_append_only()"))
     engine.dispose()
 
 
@@ -86,6 +93,8 @@ def make_settings(tmp_path: Path, tiny_model: Path) -> MakeSettings:
             "var_dir": tmp_path / "var",
             "lines": {"L1": LineConfig(rows=6, cols=10), "L2": LineConfig(rows=6, cols=24)},
             "max_wait_ms": 2.0,
+            # the first-start admin key, known to the tests (the service makes a random one otherwise)
+            "bootstrap_admin_key": ADMIN_KEY,
         }
         values.update(overrides)
         return Settings(**values)
@@ -95,13 +104,13 @@ def make_settings(tmp_path: Path, tiny_model: Path) -> MakeSettings:
 
 @pytest.fixture
 def client(make_settings: MakeSettings, database_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings(database_url=database_url))) as test_client:
+    with TestClient(create_app(make_settings(database_url=database_url)), headers=AUTH) as test_client:
         yield test_client
 
 
 @pytest.fixture
 def sqlite_client(make_settings: MakeSettings) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings())) as test_client:
+    with TestClient(create_app(make_settings()), headers=AUTH) as test_client:
         yield test_client
 
 
@@ -114,10 +123,24 @@ def free_port() -> int:
 @pytest.fixture
 def live_server(make_settings: MakeSettings) -> Iterator[str]:
     """The app under uvicorn in a thread, on 127.0.0.1 and a free port; yields 'host:port'."""
+    with serve_in_thread(make_settings()) as address:
+        yield address
+
+
+@contextlib.contextmanager
+def serve_in_thread(settings: Settings, app: Any = None) -> Iterator[str]:
+    """`app` (default: `create_app(settings)`) under uvicorn in a thread on 127.0.0.1; yields 'host:port'."""
     import uvicorn
 
     port = free_port()
-    config = uvicorn.Config(create_app(make_settings()), host="127.0.0.1", port=port, log_level="warning")
+    # open event streams never end by themselves: give them 2 s at shutdown, then close them
+    config = uvicorn.Config(
+        app or create_app(settings),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=2,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -126,6 +149,8 @@ def live_server(make_settings: MakeSettings) -> Iterator[str]:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.05)
-    yield f"127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

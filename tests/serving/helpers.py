@@ -20,6 +20,8 @@ TINY_VERSION = "0.0.0-test"
 TINY_THRESHOLD = 0.7  # defective at p >= 0.7, i.e. a centre darker than 76
 TINY_REVIEW = 0.4  # uncertain at 0.4 <= p < 0.7, i.e. a centre between 77 and 153
 BRIGHT, MID, DARK = 220, 110, 20  # functional, uncertain, defective centres
+ADMIN_KEY = "pvqc_test-admin-key-not-secret"  # PVQC_BOOTSTRAP_ADMIN_KEY of every test service
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def build_tiny_model(folder: Path) -> Path:

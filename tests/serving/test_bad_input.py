@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from serving.app import create_app
 from tests.serving.conftest import MakeSettings
-from tests.serving.helpers import BRIGHT, module_frame, png, tiff
+from tests.serving.helpers import AUTH, BRIGHT, module_frame, png, tiff
 
 GOOD = png(module_frame(np.full((6, 10), BRIGHT)))
 
@@ -56,7 +56,7 @@ CASES: dict[str, tuple[bytes, str, dict[str, Any], int, str]] = {
 @pytest.fixture
 def small_limits(make_settings: MakeSettings) -> Iterator[TestClient]:
     settings = make_settings(max_body_bytes=100_000, max_pixels=10_000_000)
-    with TestClient(create_app(settings)) as test_client:
+    with TestClient(create_app(settings), headers=AUTH) as test_client:
         yield test_client
 
 

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from serving.app import create_app
 from serving.inference import MicroBatcher, QueueFullError, load_runtime
 from tests.serving.conftest import MakeSettings
-from tests.serving.helpers import BRIGHT, TINY_SIZE, module_frame, png
+from tests.serving.helpers import AUTH, BRIGHT, TINY_SIZE, module_frame, png
 
 
 def test_concurrent_requests_share_batches(tiny_model) -> None:
@@ -48,7 +48,9 @@ def test_queue_bound_raises_instead_of_growing(tiny_model) -> None:
 
 
 def test_full_queue_answers_503_with_retry_after(make_settings: MakeSettings) -> None:
-    with TestClient(create_app(make_settings(max_queue_cells=10, retry_after_seconds=3))) as client:
+    with TestClient(
+        create_app(make_settings(max_queue_cells=10, retry_after_seconds=3)), headers=AUTH
+    ) as client:
         body = png(module_frame(np.full((6, 10), BRIGHT)))
         headers = {"Content-Type": "image/png", "X-Module-Serial": "q", "X-Frame-Id": "1"}
         response = client.post("/lines/L1/modules", content=body, headers=headers)

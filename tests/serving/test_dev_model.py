@@ -13,11 +13,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from model.card import read_card
 from serving.app import create_app
 from serving.settings import DEFAULT_MODEL_DIR, LineConfig, Settings
-from tests.serving.helpers import module_frame, png
+from tests.serving.helpers import ADMIN_KEY, AUTH, module_frame, png
 
 ROOT = Path(__file__).resolve().parents[2]
 CANDIDATES = [ROOT / DEFAULT_MODEL_DIR, ROOT / "var" / "dev-model"]
@@ -33,8 +34,13 @@ def real_model() -> Path:
 
 @pytest.fixture
 def real_client(real_model: Path, tmp_path: Path) -> Iterator[TestClient]:
-    settings = Settings(model_dir=real_model, var_dir=tmp_path, lines={"L1": LineConfig(rows=2, cols=3)})
-    with TestClient(create_app(settings)) as client:
+    settings = Settings(
+        model_dir=real_model,
+        var_dir=tmp_path,
+        lines={"L1": LineConfig(rows=2, cols=3)},
+        bootstrap_admin_key=SecretStr(ADMIN_KEY),
+    )
+    with TestClient(create_app(settings), headers=AUTH) as client:
         yield client
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.serving.conftest import free_port
-from tests.serving.helpers import BRIGHT, DARK, module_frame, png
+from tests.serving.helpers import ADMIN_KEY, AUTH, BRIGHT, DARK, module_frame, png
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,6 +34,7 @@ def start_service(var_dir: Path, model_dir: Path) -> tuple[subprocess.Popen[byte
         PVQC_VAR_DIR=str(var_dir),
         PVQC_LINES=json.dumps({"L1": {"rows": 6, "cols": 10}}),
         PVQC_MAX_WAIT_MS="2",
+        PVQC_BOOTSTRAP_ADMIN_KEY=ADMIN_KEY,
     )
     process = subprocess.Popen(
         [
@@ -78,7 +79,7 @@ def test_kill_9_loses_no_acknowledged_inspection(tmp_path: Path, tiny_model: Pat
     process, base = start_service(tmp_path / "var", tiny_model)
 
     def post_until_killed(worker: int) -> None:
-        with httpx.Client(base_url=base, timeout=10) as client:
+        with httpx.Client(base_url=base, timeout=10, headers=AUTH) as client:
             n = 0
             while not stop.is_set():
                 n += 1
@@ -116,7 +117,7 @@ def test_kill_9_loses_no_acknowledged_inspection(tmp_path: Path, tiny_model: Pat
 
     process, base = start_service(tmp_path / "var", tiny_model)
     try:
-        with httpx.Client(base_url=base, timeout=10) as client:
+        with httpx.Client(base_url=base, timeout=10, headers=AUTH) as client:
             for inspection_id, serial, digest in acknowledged:
                 stored = client.get(f"/inspections/{inspection_id}")
                 assert stored.status_code == 200, f"acknowledged inspection {inspection_id} lost"

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.serving.helpers import (
+    AUTH,
     BRIGHT,
     DARK,
     MID,
@@ -150,7 +151,7 @@ def test_publisher_hears_each_new_inspection_once(make_settings) -> None:
     from serving.events import RecordingPublisher
 
     publisher = RecordingPublisher()
-    with TestClient(create_app(make_settings(), publisher=publisher)) as client:
+    with TestClient(create_app(make_settings(), publisher=publisher), headers=AUTH) as client:
         body = png(module_frame(levels(r3c3=DARK)))
         first = post_module(client, body, serial="E1").json()
         post_module(client, body, serial="E1")  # a re-post is not a new inspection

@@ -8,16 +8,28 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from tritonclient._plugin import InferenceServerClientPlugin
+from tritonclient._request import Request
 from tritonclient.utils import InferenceServerException
 
-from tests.serving.helpers import TINY_SIZE, TINY_VERSION
+from tests.serving.helpers import AUTH, TINY_SIZE, TINY_VERSION
+
+
+class BearerKey(InferenceServerClientPlugin):
+    """tritonclient's plugin hook: adds the API key to every request."""
+
+    def __call__(self, request: Request) -> None:
+        request.headers.update(AUTH)
+
 
 MODEL = "pvqc-cell"
 
 
 @pytest.fixture
 def triton_client(live_server: str) -> triton.InferenceServerClient:
-    return triton.InferenceServerClient(url=live_server)
+    client = triton.InferenceServerClient(url=live_server)
+    client.register_plugin(BearerKey())  # every call carries the key, as a line's client would
+    return client
 
 
 def cells(n: int, level: float) -> np.ndarray:
@@ -105,18 +117,18 @@ def test_raw_malformed_requests(live_server: str) -> None:
     }
     head = json.dumps(header).encode()
     short = httpx.post(
-        url, content=head + b"\0" * 10, headers={"Inference-Header-Content-Length": str(len(head))}
+        url, content=head + b"\0" * 10, headers={**AUTH, "Inference-Header-Content-Length": str(len(head))}
     )
     assert short.status_code == 400 and "bytes" in short.json()["error"]
-    bad_json = httpx.post(url, content=b"{not json")
+    bad_json = httpx.post(url, content=b"{not json", headers=AUTH)
     assert bad_json.status_code == 400 and "JSON" in bad_json.json()["error"]
     few = {
         "inputs": [
             {"name": "image", "shape": [1, 1, TINY_SIZE, TINY_SIZE], "datatype": "FP32", "data": [1.0, 2.0]}
         ]
     }
-    assert "values" in httpx.post(url, json=few).json()["error"]
+    assert "values" in httpx.post(url, json=few, headers=AUTH).json()["error"]
     nan = {"inputs": [{"name": "image", "shape": [1, 1, 1, 1], "datatype": "FP32", "data": [float("nan")]}]}
-    assert httpx.post(url, content=json.dumps(nan)).status_code == 400
-    length = httpx.post(url, content=head, headers={"Inference-Header-Content-Length": "99999"})
+    assert httpx.post(url, content=json.dumps(nan), headers=AUTH).status_code == 400
+    length = httpx.post(url, content=head, headers={**AUTH, "Inference-Header-Content-Length": "99999"})
     assert length.status_code == 400 and "Inference-Header-Content-Length" in length.json()["error"]

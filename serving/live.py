@@ -1,0 +1,316 @@
+"""Live events for the shop-floor screen: line snapshots, a broker between replicas, SSE clients.
+
+Owns the path from "an inspection was stored" to every connected screen:
+- `LiveEvents.publish` (the app's EventPublisher) only marks the line dirty: the route never waits
+  for screens. A refresher task recomputes dirty lines' snapshots (at most every
+  `events_min_interval_seconds`, so a burst of frames costs one computation) and every line every
+  `alarm_check_seconds` (takt alarms, shift changes, the hour window sliding), and publishes those
+  that changed.
+- A broker numbers each snapshot and delivers it to every replica: `InProcessBroker` (embedded)
+  or `RedisBroker` (pub/sub, ids from one Redis counter, so ids compare across replicas). The
+  same code runs both ways; `make_broker` picks by `PVQC_BROKER_URL`.
+- The hub side (`deliver`, `connect`, `disconnect`) keeps the latest snapshot per line and the
+  last `sse_replay_events` events for `Last-Event-ID` resumes, bounds its clients
+  (`sse_max_clients`), and gives each a bounded queue: a client too slow to keep up is resynced
+  with the latest snapshots instead of growing memory.
+- `sse_stream` is one client's byte stream, with a keep-alive comment every
+  `sse_keepalive_seconds`; a disconnect cancels it (or is seen between events) and its `finally`
+  unregisters the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import anyio
+from sqlalchemy.orm import Session, sessionmaker
+
+from serving.events import InspectionCompleted
+from serving.settings import Settings
+from serving.snapshots import line_snapshot
+
+log = logging.getLogger(__name__)
+
+EVENT_NAME = "line"
+RETRY_MS = 2000  # how soon a browser reconnects after the stream drops
+DISCONNECT_CHECK_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class LiveEvent:
+    id: int
+    line_id: str
+    payload: dict[str, Any]
+    frame: bytes  # the SSE text, encoded once for every client
+
+
+def sse_frame(event_id: int, payload: dict[str, Any]) -> bytes:
+    data = json.dumps({**payload, "event_id": event_id}, separators=(",", ":"))
+    return f"id: {event_id}\nevent: {EVENT_NAME}\ndata: {data}\n\n".encode()
+
+
+Deliver = Callable[[int, dict[str, Any]], None]
+
+
+class Broker(Protocol):
+    async def start(self, deliver: Deliver) -> None: ...
+    async def publish(self, payload: dict[str, Any]) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class InProcessBroker:
+    """One process: ids from a counter, delivery by a direct call."""
+
+    def __init__(self) -> None:
+        self._deliver: Deliver | None = None
+        self._next_id = 0
+
+    async def start(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+
+    async def publish(self, payload: dict[str, Any]) -> None:
+        self._next_id += 1
+        if self._deliver is not None:
+            self._deliver(self._next_id, payload)
+
+    async def stop(self) -> None:
+        self._deliver = None
+
+
+class RedisBroker:
+    """Redis pub/sub: every replica publishes to one channel and hears every replica's events."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        import redis.asyncio as redis
+
+        self.client = redis.Redis.from_url(url)
+        self.channel = f"{prefix}:events"
+        self.counter = f"{prefix}:event-id"
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self, deliver: Deliver) -> None:
+        pubsub = self.client.pubsub()
+        await pubsub.subscribe(self.channel)
+        self._reader = asyncio.create_task(self._read(pubsub, deliver), name="pvqc-redis-events")
+
+    async def _read(self, pubsub: Any, deliver: Deliver) -> None:
+        try:
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is None:
+                    continue
+                try:
+                    body = json.loads(message["data"])
+                    deliver(int(body["id"]), body["payload"])
+                except (ValueError, KeyError, TypeError):
+                    log.warning("ignored a malformed message on %s", self.channel)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def publish(self, payload: dict[str, Any]) -> None:
+        event_id = int(await self.client.incr(self.counter))
+        await self.client.publish(self.channel, json.dumps({"id": event_id, "payload": payload}))
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        await self.client.aclose()
+
+
+def make_broker(settings: Settings) -> Broker:
+    if settings.broker_url:
+        log.info("live events through Redis at %s (prefix %s)", settings.broker_url, settings.broker_prefix)
+        return RedisBroker(settings.broker_url, settings.broker_prefix)
+    return InProcessBroker()
+
+
+class TooManyClientsError(RuntimeError):
+    pass
+
+
+RESYNC = object()  # queued for a client that fell behind: send it the latest state whole
+
+
+@dataclass(eq=False)
+class Client:
+    line_id: str | None  # a line key's stream carries only its own line
+    queue: asyncio.Queue[LiveEvent | object]
+    resyncs: int = 0
+
+    def wants(self, line_id: str) -> bool:
+        return self.line_id is None or self.line_id == line_id
+
+
+class LiveEvents:
+    """The app's EventPublisher and the hub every SSE stream of this replica registers with."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], broker: Broker) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.broker = broker
+        self.clients: set[Client] = set()
+        self.latest: dict[str, LiveEvent] = {}
+        self.recent: deque[LiveEvent] = deque(maxlen=settings.sse_replay_events)
+        self._sent: dict[str, dict[str, Any]] = {}  # what this replica last saw per line, for "changed?"
+        self._dirty: set[str] = set()
+        self.resyncs = 0  # clients that fell behind, since start (a load test wants none)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.broker.start(self.deliver)
+        self._task = asyncio.create_task(self._refresh_forever(), name="pvqc-live-refresher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for client in list(self.clients):
+            self.disconnect(client)
+        await self.broker.stop()
+
+    # -- EventPublisher -------------------------------------------------------------------------
+
+    async def publish(self, event: InspectionCompleted) -> None:
+        if event.line_id in self.settings.lines:
+            self._dirty.add(event.line_id)
+            self._wake.set()
+
+    # -- refresher ------------------------------------------------------------------------------
+
+    async def _refresh_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_full = loop.time()  # the first pass computes every line: screens get state at once
+        while True:
+            with anyio.move_on_after(max(0.0, next_full - loop.time())):
+                await self._wake.wait()
+            self._wake.clear()
+            if loop.time() >= next_full:
+                lines, next_full = set(self.settings.lines), loop.time() + self.settings.alarm_check_seconds
+            else:
+                lines = set()
+            lines |= self._dirty
+            self._dirty = set()
+            try:
+                await self.refresh(sorted(lines))
+            except Exception:  # a database hiccup must not end live updates for good
+                log.exception("live refresh of %s failed", sorted(lines))
+                self._dirty |= lines
+                await anyio.sleep(1.0)
+            await anyio.sleep(self.settings.events_min_interval_seconds)
+
+    async def refresh(self, lines: list[str]) -> None:
+        """Recompute these lines' snapshots and publish those that changed."""
+        if not lines:
+            return
+        now = datetime.now(UTC)
+        snapshots = await anyio.to_thread.run_sync(self._compute, lines, now)
+        for snapshot in snapshots:
+            line_id = snapshot["line_id"]
+            if self._sent.get(line_id) == snapshot:
+                continue
+            self._sent[line_id] = snapshot
+            await self.broker.publish({**snapshot, "generated_at": now.isoformat()})
+
+    def _compute(self, lines: list[str], now: datetime) -> list[dict[str, Any]]:
+        return [line_snapshot(self.sessions, self.settings, line_id, now) for line_id in lines]
+
+    # -- hub ------------------------------------------------------------------------------------
+
+    def deliver(self, event_id: int, payload: dict[str, Any]) -> None:
+        """A numbered snapshot from the broker (any replica's): keep it and hand it to every client."""
+        line_id = str(payload.get("line_id"))
+        event = LiveEvent(event_id, line_id, payload, sse_frame(event_id, payload))
+        self._sent[line_id] = {k: v for k, v in payload.items() if k != "generated_at"}
+        self.recent.append(event)
+        current = self.latest.get(line_id)
+        if current is None or current.id < event_id:
+            self.latest[line_id] = event
+        for client in self.clients:
+            if client.wants(line_id):
+                self._offer(client, event)
+
+    def _offer(self, client: Client, event: LiveEvent) -> None:
+        try:
+            client.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            # too slow: drop what it has not read and send it the latest state whole instead
+            while not client.queue.empty():
+                client.queue.get_nowait()
+            client.queue.put_nowait(RESYNC)
+            client.resyncs += 1
+            self.resyncs += 1
+
+    def connect(self, line_id: str | None) -> Client:
+        if len(self.clients) >= self.settings.sse_max_clients:
+            raise TooManyClientsError(f"{len(self.clients)} live streams are open, the limit")
+        client = Client(line_id, asyncio.Queue(maxsize=self.settings.sse_client_queue))
+        self.clients.add(client)
+        return client
+
+    def disconnect(self, client: Client) -> None:
+        self.clients.discard(client)
+
+    def catch_up(self, client: Client, last_event_id: int | None) -> list[LiveEvent]:
+        """Events a (re)connecting client needs: those after its last one, else the latest per line."""
+        if last_event_id is not None:
+            ids = [e.id for e in self.recent]
+            if last_event_id in ids:
+                after = list(self.recent)[ids.index(last_event_id) + 1 :]
+                return [e for e in after if client.wants(e.line_id)]
+        return self.snapshot_for(client)
+
+    def snapshot_for(self, client: Client) -> list[LiveEvent]:
+        return sorted((e for e in self.latest.values() if client.wants(e.line_id)), key=lambda e: e.id)
+
+
+async def sse_stream(
+    hub: LiveEvents,
+    line_id: str | None,
+    last_event_id: int | None,
+    keepalive: float,
+    disconnected: Callable[[], Awaitable[bool]],
+) -> AsyncIterator[bytes]:
+    """One client's stream. It registers only once iterated, so its `finally` always unregisters."""
+    client = hub.connect(line_id)
+    # a disconnect is noticed by cancellation (Starlette watches the socket) or, at the latest,
+    # by this check between events: a closed screen never stays counted against the limit
+    check_every = min(keepalive, DISCONNECT_CHECK_SECONDS)
+    silent = 0.0
+    try:
+        yield f"retry: {RETRY_MS}\n\n".encode()
+        for event in hub.catch_up(client, last_event_id):
+            yield event.frame
+        while True:
+            try:
+                item = await asyncio.wait_for(client.queue.get(), timeout=check_every)
+            except TimeoutError:
+                if await disconnected():
+                    return
+                silent += check_every
+                if silent >= keepalive:
+                    silent = 0.0
+                    yield b": keep-alive\n\n"  # proxies close silent connections; browsers ignore comments
+                continue
+            silent = 0.0
+            if item is RESYNC:
+                for event in hub.snapshot_for(client):
+                    yield event.frame
+            elif isinstance(item, LiveEvent):
+                yield item.frame
+    finally:
+        hub.disconnect(client)

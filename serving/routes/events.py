@@ -1,0 +1,42 @@
+"""`GET /events`: the Server-Sent Events stream of every line's snapshot (a line key: its own line).
+
+The browser's EventSource reconnects by itself and sends `Last-Event-ID`; the stream then
+continues after that event, or starts with the latest snapshot of each line. Role: line or higher.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import StreamingResponse
+
+from serving.auth import LineRole, Role
+from serving.deps import ServicesDep
+from serving.errors import ApiError
+from serving.live import sse_stream
+
+router = APIRouter(tags=["live"])
+
+
+@router.get("/events", response_class=StreamingResponse)
+async def events(
+    request: Request,
+    services: ServicesDep,
+    principal: LineRole,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamingResponse:
+    hub = services.live
+    if hub is None:
+        raise ApiError(503, "live events are not running")
+    if len(hub.clients) >= services.settings.sse_max_clients:
+        raise ApiError(
+            503,
+            f"{len(hub.clients)} live streams are open, the most this replica serves",
+            {"Retry-After": "5"},
+        )
+    last = int(last_event_id) if last_event_id and last_event_id.strip().isdigit() else None
+    line_id = principal.line_id if principal.role is Role.LINE else None
+    stream = sse_stream(hub, line_id, last, services.settings.sse_keepalive_seconds, request.is_disconnected)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering either
+    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)

@@ -1,0 +1,126 @@
+"""Pictures for people, made on demand and never on the line's hot path: frame previews and heat maps.
+
+Owns: a JPEG preview of a stored frame (browsers show no TIFF and no 16-bit PNG, and a camera frame
+is far larger than a screen needs), made once per frame and width and kept on disk beside the
+frames, one at a time per replica (fifty screens asking for the same new thumbnail cost one
+decode, and previews never take more than one core from the line); and a cell's heat map: the
+cell is resampled from the stored frame through its stored polygon (`model.geometry.resample_cell`,
+as the pipeline cut it) and run through the micro-batcher, whose `cam` output is the class
+activation map (defect logit per position of the last feature map). Blocking helpers run in
+worker threads.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import numpy as np
+
+from serving.db import Inspection
+from serving.errors import ApiError
+from serving.images import ImageRejectedError, ImageType, decode_image
+
+if TYPE_CHECKING:  # serving.app builds the PreviewCache: a run-time import would be circular
+    from serving.app import Services
+
+CAM_OUTPUT = "cam"  # the name model/onnx_export.py gives the activation map output
+JPEG_QUALITY = 85
+PREVIEW_WIDTHS = (160, 360, 720, 1024, 1600, 2048, 4096)  # asked widths snap up: a bounded cache
+
+
+class PreviewCache:
+    """JPEG previews under `root/<sha256>-<width>.jpg`, computed once, one at a time."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = anyio.Lock()
+
+    async def get(self, services: Services, row: Inspection, width: int) -> bytes:
+        width = next((w for w in PREVIEW_WIDTHS if w >= width), PREVIEW_WIDTHS[-1])
+        path = self.root / f"{row.frame_sha256}-{width}.jpg"
+        if path.is_file():
+            return await anyio.Path(path).read_bytes()
+        async with self._lock:
+            if path.is_file():  # made while this request waited
+                return await anyio.Path(path).read_bytes()
+
+            def make() -> bytes:
+                data = preview_jpeg(load_grey(services, row), width)
+                self.root.mkdir(parents=True, exist_ok=True)
+                temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+                temporary.write_bytes(data)
+                temporary.replace(path)  # readers see the whole file or none; a lost one is remade
+                return data
+
+            return await anyio.to_thread.run_sync(make)
+
+
+def load_grey(services: Services, row: Inspection) -> np.ndarray:
+    """The stored frame of `row` as 8-bit grey, decoded exactly as at ingestion."""
+    image_type = ImageType(row.frame_content_type)
+    path = services.frames.path_for(row.frame_sha256, image_type.extension)
+    if not path.is_file():
+        raise ApiError(410, f"frame {row.frame_sha256} of inspection {row.id} is no longer stored")
+    try:
+        return decode_image(path.read_bytes(), image_type, services.settings.max_pixels).grey
+    except ImageRejectedError as exc:  # it was accepted once: the file must have been damaged since
+        raise ApiError(500, f"stored frame of inspection {row.id} no longer decodes: {exc}") from exc
+
+
+def preview_jpeg(grey: np.ndarray, width: int) -> bytes:
+    import cv2
+
+    if grey.shape[1] > width:
+        height = max(1, round(grey.shape[0] * width / grey.shape[1]))
+        grey = cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)  # area: no aliasing
+    ok, data = cv2.imencode(".jpg", grey, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise ApiError(500, "could not encode the preview")
+    return bytes(data.tobytes())
+
+
+def _cell_pixels(services: Services, row: Inspection, polygon: list[list[float]]) -> np.ndarray:
+    from model.geometry import resample_cell  # imported here: geometry pulls in more than the rest needs
+
+    grey = load_grey(services, row)
+    return resample_cell(grey, np.asarray(polygon, dtype=np.float32), services.runtime.size)
+
+
+async def cell_heatmap(services: Services, row: Inspection, cell_row: int, cell_col: int) -> dict[str, Any]:
+    """The cell as the network saw it (PNG data URL) and its activation map as probabilities."""
+    cell = next((c for c in row.cells if c.row == cell_row and c.col == cell_col), None)
+    if cell is None:
+        raise ApiError(404, f"inspection {row.id} has no cell at row {cell_row}, col {cell_col}")
+    if cell.polygon is None:
+        raise ApiError(409, f"cell {cell_row},{cell_col} of inspection {row.id} has no stored outline")
+    if CAM_OUTPUT not in services.runtime.output_names:
+        raise ApiError(501, f"model {services.runtime.card.name} has no {CAM_OUTPUT!r} output for heat maps")
+    polygon = cell.polygon
+    pixels = await anyio.to_thread.run_sync(lambda: _cell_pixels(services, row, polygon))
+    outputs = await services.batcher.infer(pixels[None, None])
+    logits = np.asarray(outputs[CAM_OUTPUT][0], dtype=np.float64)
+    heat = 1.0 / (1.0 + np.exp(-logits))  # per-position defect probability, same scale as the cell's
+    probability = float(np.asarray(outputs[services.runtime.card.probability_output]).reshape(-1)[0])
+    return {
+        "inspection_id": row.id,
+        "row": cell_row,
+        "col": cell_col,
+        "stored_probability": cell.probability,
+        "probability": probability,
+        "cam": heat.round(4).tolist(),
+        "cell_png": _png_data_url(pixels),
+    }
+
+
+def _png_data_url(pixels: np.ndarray) -> str:
+    import base64
+
+    import cv2
+
+    ok, data = cv2.imencode(".png", pixels)
+    if not ok:
+        raise ApiError(500, "could not encode the cell image")
+    return "data:image/png;base64," + base64.b64encode(data.tobytes()).decode()

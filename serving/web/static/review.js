@@ -1,0 +1,392 @@
+// The review page: the queue (filters), one module (frame, grid coloured by probability, scores,
+// heat maps), and the engineer's decision, saved to the append-only audit trail. Keyboard first:
+// the shortcuts are listed on the page.
+"use strict";
+(() => {
+  const DEFECT_KEYS = { 1: "crack", 2: "finger_interruption", 3: "inactive_area", 4: "soldering", 5: "other" };
+  const state = {
+    queue: [], // queue items (inspection summaries)
+    index: -1, // open item's index in the queue
+    open: null, // the reviewed inspection (inspection, labels, history)
+    selected: null, // [row, col]
+    changes: new Map(), // "row,col" -> {label, defect_type} not yet saved
+    module: null, // "PASS" | "FAIL" chosen explicitly, or null
+    nextBefore: null,
+  };
+  const $ = (id) => document.getElementById(id);
+  const key = (r, c) => `${r},${c}`;
+
+  // -- queue ------------------------------------------------------------------------------------
+
+  function filters() {
+    const form = new FormData($("filters"));
+    const params = new URLSearchParams();
+    for (const [name, value] of form) {
+      if (!value) continue;
+      params.set(name, name === "since" || name === "until" ? new Date(value).toISOString() : value);
+    }
+    return params;
+  }
+
+  async function loadQueue(append = false) {
+    const params = filters();
+    if (append && state.nextBefore) params.set("before_id", state.nextBefore);
+    const page = await pvqc.api(`/review/queue?${params}`);
+    state.queue = append ? state.queue.concat(page.items) : page.items;
+    state.nextBefore = page.next_before_id;
+    $("more").hidden = !page.next_before_id;
+    drawQueue();
+  }
+
+  function drawQueue() {
+    const list = $("queue");
+    list.replaceChildren();
+    state.queue.forEach((item, i) => {
+      const li = document.createElement("li");
+      li.dataset.inspection = item.inspection_id;
+      li.classList.toggle("current", state.open?.inspection.inspection_id === item.inspection_id);
+      const verdict = document.createElement("span");
+      verdict.className = `verdict v-${item.verdict}`;
+      verdict.textContent = item.sampled ? "PASS·sample" : item.verdict;
+      const text = document.createElement("span");
+      text.textContent = `${item.serial} · ${item.line_id} · ${pvqc.time(item.created_at)}`;
+      li.append(verdict, text);
+      if (item.reviewed) {
+        const done = document.createElement("span");
+        done.className = "done";
+        done.textContent = `→ ${item.reviewed.verdict}`;
+        li.appendChild(done);
+      }
+      li.addEventListener("click", () => openAt(i));
+      list.appendChild(li);
+    });
+  }
+
+  async function openAt(i) {
+    if (i < 0 || i >= state.queue.length) return;
+    state.index = i;
+    await openInspection(state.queue[i].inspection_id);
+  }
+
+  // -- one module ---------------------------------------------------------------------------------
+
+  async function openInspection(id, keepSelection = false) {
+    state.open = await pvqc.api(`/review/inspections/${id}`);
+    history.replaceState(null, "", `#inspection=${id}`);
+    state.changes.clear();
+    state.module = null;
+    $("note").value = "";
+    const cells = state.open.inspection.cells;
+    if (!keepSelection || !state.selected) {
+      const first = cells.find((c) => c.verdict !== "functional") || cells[0];
+      state.selected = first ? [first.row, first.col] : null;
+    }
+    drawModule();
+    drawQueue();
+    drawSide();
+    if (!keepSelection) clearHeat(); // after a save the heat map still shows the selected cell
+  }
+
+  const labelOf = (r, c) => state.changes.get(key(r, c)) || state.open.cell_labels[key(r, c)];
+
+  function colour(p) {
+    // green (0) -> amber -> red (1), the module's thresholds marked by the legend
+    const hue = Math.round(120 * (1 - p));
+    return `hsla(${hue}, 90%, 50%, ${0.18 + 0.4 * p})`;
+  }
+
+  function drawModule() {
+    const o = state.open.inspection;
+    const main = $("module");
+    main.replaceChildren();
+    const head = document.createElement("header");
+    head.className = "module-head";
+    const title = document.createElement("h2");
+    title.textContent = `${o.serial} · ${o.line_id}`;
+    const verdict = document.createElement("span");
+    verdict.className = `verdict v-${o.verdict}`;
+    verdict.textContent = o.verdict;
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    meta.textContent = `${new Date(o.created_at).toLocaleString()} · model ${o.model.version} · threshold ${o.model.threshold} · ${o.reason || ""}`;
+    head.append(title, verdict, meta);
+    main.appendChild(head);
+
+    const frame = document.createElement("div");
+    frame.className = "frame big-frame";
+    const img = document.createElement("img");
+    img.src = `/inspections/${o.inspection_id}/preview?width=1600`;
+    img.alt = `frame of ${o.serial}`;
+    frame.appendChild(img);
+    const box = { width: o.frame_width, height: o.frame_height, rows: o.rows, cols: o.cols };
+    const overlay = pvqc.svg("svg", { viewBox: `0 0 ${box.width} ${box.height}`, preserveAspectRatio: "none", id: "grid" }, frame);
+    for (const cell of o.cells) {
+      const label = labelOf(cell.row, cell.col);
+      const poly = pvqc.svg("polygon", {
+        points: pvqc.cellPoints(cell, box),
+        fill: colour(cell.probability),
+        class: `cell label-${label.label} src-${label.source || "pending"}`,
+        "data-row": cell.row,
+        "data-col": cell.col,
+      }, overlay);
+      pvqc.svg("title", {}, poly).textContent = `row ${cell.row}, col ${cell.col}: p=${cell.probability.toFixed(3)}`;
+      poly.addEventListener("click", () => select(cell.row, cell.col));
+    }
+    if (state.selected) {
+      const cell = o.cells.find((c) => c.row === state.selected[0] && c.col === state.selected[1]);
+      if (cell) pvqc.svg("polygon", { points: pvqc.cellPoints(cell, box), class: "selected" }, overlay);
+    }
+    main.appendChild(frame);
+    main.appendChild(scoreTable(o));
+    main.appendChild(historyList());
+  }
+
+  function scoreTable(o) {
+    const table = document.createElement("table");
+    table.className = "scores";
+    const caption = document.createElement("caption");
+    caption.textContent = "defect probability per cell (rows x columns)";
+    table.appendChild(caption);
+    for (let r = 0; r < o.rows; r++) {
+      const tr = table.insertRow();
+      for (let c = 0; c < o.cols; c++) {
+        const cell = o.cells.find((x) => x.row === r && x.col === c);
+        const td = tr.insertCell();
+        if (!cell) continue;
+        td.textContent = cell.probability.toFixed(2);
+        td.style.background = colour(cell.probability);
+        td.classList.toggle("sel", state.selected?.[0] === r && state.selected?.[1] === c);
+        td.addEventListener("click", () => select(r, c));
+      }
+    }
+    return table;
+  }
+
+  function historyList() {
+    const section = document.createElement("section");
+    section.className = "history";
+    const h = document.createElement("h3");
+    h.textContent = "Audit trail of this module";
+    section.appendChild(h);
+    const list = document.createElement("ol");
+    list.id = "history";
+    for (const d of state.open.history) {
+      const li = document.createElement("li");
+      const target = d.target === "module" ? "module" : `cell ${d.row},${d.col}`;
+      const before = d.before.verdict || d.before.label;
+      const after = d.after.verdict || `${d.after.label}${d.after.defect_type ? ` (${d.after.defect_type})` : ""}`;
+      li.textContent = `${new Date(d.created_at).toLocaleString()} · ${d.reviewer} · ${target}: ${before} → ${after}${d.note ? ` · “${d.note}”` : ""}`;
+      list.appendChild(li);
+    }
+    if (!state.open.history.length) list.innerHTML = "<li>no decisions yet</li>";
+    section.appendChild(list);
+    return section;
+  }
+
+  function drawSide() {
+    const panel = $("cell");
+    panel.replaceChildren();
+    const h = document.createElement("h2");
+    h.textContent = "Cell";
+    panel.appendChild(h);
+    if (state.open && state.selected) {
+      const [r, c] = state.selected;
+      const cell = state.open.inspection.cells.find((x) => x.row === r && x.col === c);
+      const saved = state.open.cell_labels[key(r, c)];
+      const pending = state.changes.get(key(r, c));
+      const rows = [
+        ["position", `row ${r}, col ${c}`],
+        ["probability", cell.probability.toFixed(3)],
+        ["model", cell.verdict],
+        ["label in force", `${saved.label}${saved.defect_type ? ` (${saved.defect_type})` : ""} · ${saved.source}`],
+        ["unsaved", pending ? `${pending.label}${pending.defect_type ? ` (${pending.defect_type})` : ""}` : "–"],
+      ];
+      const dl = document.createElement("dl");
+      dl.id = "cell-facts";
+      for (const [k, v] of rows) {
+        const dt = document.createElement("dt");
+        dt.textContent = k;
+        const dd = document.createElement("dd");
+        dd.textContent = v;
+        dl.append(dt, dd);
+      }
+      panel.appendChild(dl);
+    }
+    $("module-choice").textContent = moduleVerdict() ? `${moduleVerdict()}${state.module ? "" : " (from cell labels)"}` : "–";
+    const changes = $("changes");
+    changes.replaceChildren();
+    for (const [k, v] of state.changes) {
+      const li = document.createElement("li");
+      li.textContent = `cell ${k} → ${v.label}${v.defect_type ? ` (${v.defect_type})` : ""}`;
+      changes.appendChild(li);
+    }
+  }
+
+  // the module verdict to save: the engineer's choice, else FAIL if any cell is (now) defective
+  function moduleVerdict() {
+    if (!state.open) return null;
+    if (state.module) return state.module;
+    const defective = state.open.inspection.cells.some((c) => labelOf(c.row, c.col).label === "defective");
+    return defective ? "FAIL" : "PASS";
+  }
+
+  function select(r, c) {
+    const o = state.open?.inspection;
+    if (!o) return;
+    state.selected = [Math.max(0, Math.min(o.rows - 1, r)), Math.max(0, Math.min(o.cols - 1, c))];
+    drawModule();
+    drawSide();
+  }
+
+  function nextFlagged() {
+    const cells = state.open?.inspection.cells.filter((c) => c.verdict !== "functional") || [];
+    if (!cells.length) return;
+    const at = cells.findIndex((c) => c.row === state.selected?.[0] && c.col === state.selected?.[1]);
+    const next = cells[(at + 1) % cells.length];
+    select(next.row, next.col);
+  }
+
+  function label(labelName, defectType = null) {
+    if (!state.selected) return;
+    state.changes.set(key(...state.selected), { label: labelName, defect_type: defectType });
+    drawModule();
+    drawSide();
+  }
+
+  async function save() {
+    if (!state.open) return;
+    const body = {
+      module: moduleVerdict(),
+      cells: [...state.changes].map(([k, v]) => {
+        const [row, col] = k.split(",").map(Number);
+        return { row, col, ...v };
+      }),
+      note: $("note").value.trim() || null,
+    };
+    const id = state.open.inspection.inspection_id;
+    try {
+      const saved = await pvqc.api(`/review/inspections/${id}/decisions`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      await openInspection(id, true);
+      $("status").textContent = `saved ${saved.length} decision(s) for ${state.open.inspection.serial}`;
+      const item = state.queue.find((q) => q.inspection_id === id);
+      if (item) item.reviewed = { verdict: body.module };
+      drawQueue();
+    } catch (error) {
+      $("status").textContent = `not saved: ${error.message}`;
+    }
+  }
+
+  // -- heat map -----------------------------------------------------------------------------------
+
+  function clearHeat() {
+    const canvas = $("heat");
+    canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    $("heat-note").textContent = "Press h for the selected cell.";
+  }
+
+  async function heat() {
+    if (!state.open || !state.selected) return;
+    const [r, c] = state.selected;
+    $("heat-note").textContent = "computing…";
+    const map = await pvqc.api(`/review/inspections/${state.open.inspection.inspection_id}/cells/${r}/${c}/heatmap`);
+    const canvas = $("heat");
+    const ctx = canvas.getContext("2d");
+    const img = new Image();
+    img.onload = () => {
+      ctx.imageSmoothingEnabled = true;
+      ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+      const [h, w] = [map.cam.length, map.cam[0].length];
+      const small = document.createElement("canvas");
+      small.width = w;
+      small.height = h;
+      const pixels = small.getContext("2d").createImageData(w, h);
+      map.cam.flat().forEach((v, i) => {
+        // at most 55% opaque: the cell stays visible under the map
+        pixels.data.set([255, Math.round(255 * (1 - v)), 0, Math.round(140 * v)], 4 * i);
+      });
+      small.getContext("2d").putImageData(pixels, 0, 0);
+      ctx.drawImage(small, 0, 0, canvas.width, canvas.height); // smoothed: the map is coarse
+      $("heat-note").textContent = `cell ${r},${c}: p=${map.probability.toFixed(3)}; red where the network saw a defect`;
+    };
+    img.src = map.cell_png;
+  }
+
+  // -- keyboard -----------------------------------------------------------------------------------
+
+  document.addEventListener("keydown", (event) => {
+    if (event.target.matches("input, select, textarea")) {
+      if (event.key === "Escape") event.target.blur();
+      if (event.key === "Enter" && event.target.id === "note" && !event.shiftKey) {
+        event.preventDefault();
+        save();
+      }
+      return;
+    }
+    if (event.ctrlKey || event.metaKey || event.altKey) return;
+    const [r, c] = state.selected || [0, 0];
+    const actions = {
+      j: () => openAt(state.index + 1),
+      k: () => openAt(state.index - 1),
+      ArrowUp: () => select(r - 1, c),
+      ArrowDown: () => select(r + 1, c),
+      ArrowLeft: () => select(r, c - 1),
+      ArrowRight: () => select(r, c + 1),
+      n: nextFlagged,
+      f: () => label("functional"),
+      u: () => {
+        if (state.selected) state.changes.delete(key(...state.selected));
+        drawModule();
+        drawSide();
+      },
+      p: () => {
+        state.module = "PASS";
+        drawSide();
+      },
+      x: () => {
+        state.module = "FAIL";
+        drawSide();
+      },
+      h: heat,
+      "/": () => $("note").focus(),
+      Enter: save,
+      s: save,
+    };
+    const action = DEFECT_KEYS[event.key] ? () => label("defective", DEFECT_KEYS[event.key]) : actions[event.key];
+    if (!action) return;
+    event.preventDefault();
+    Promise.resolve(action()).catch((error) => {
+      $("status").textContent = error.message;
+    });
+  });
+
+  // -- start --------------------------------------------------------------------------------------
+
+  async function start() {
+    const me = await pvqc.api("/whoami");
+    $("who").textContent = `${me.name} (${me.role})`;
+    const lines = await pvqc.api("/lines");
+    const select = $("filters").elements.line_id;
+    for (const id of Object.keys(lines)) select.add(new Option(lines[id].name || id, id));
+    $("filters").addEventListener("change", () => loadQueue());
+    $("more").addEventListener("click", () => loadQueue(true));
+    $("save").addEventListener("click", save);
+    $("signout").addEventListener("click", async () => {
+      await fetch("/signout", { method: "POST" });
+      pvqc.toSignIn();
+    });
+    await loadQueue();
+    const wanted = /inspection=(\d+)/.exec(location.hash);
+    if (wanted) {
+      const i = state.queue.findIndex((q) => q.inspection_id === Number(wanted[1]));
+      state.index = i;
+      await openInspection(Number(wanted[1]));
+    }
+  }
+  start().catch((error) => {
+    $("status").textContent = error.message;
+  });
+})();

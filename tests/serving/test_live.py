@@ -1,0 +1,420 @@
+"""Live events: line snapshots and alarms, the SSE stream (ids, Last-Event-ID, keep-alive, limits,
+a line key's own line), 50 screens under 5 modules/s, and the Redis broker between replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from serving.app import create_app
+from serving.settings import LineConfig
+from serving.snapshots import line_snapshot
+from tests.serving.conftest import MakeSettings, serve_in_thread
+from tests.serving.helpers import AUTH, BRIGHT, DARK, module_frame, png
+
+REDIS_URL = os.environ.get("PVQC_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+L1_PASS = png(module_frame(np.full((6, 10), BRIGHT)))
+_fail = np.full((6, 10), BRIGHT)
+_fail[2, 3] = DARK
+L1_FAIL = png(module_frame(_fail))
+L2_PASS = png(module_frame(np.full((6, 24), BRIGHT)))
+
+
+def post(client: httpx.Client | TestClient, line: str, serial: str, body: bytes) -> None:
+    headers = {"Content-Type": "image/png", "X-Module-Serial": serial, "X-Frame-Id": "1"}
+    response = client.post(f"/lines/{line}/modules", content=body, headers=headers)
+    assert response.status_code == 201, response.text
+
+
+def live_settings(make_settings: MakeSettings, **overrides: Any) -> Any:
+    values: dict[str, Any] = {
+        "lines": {
+            "L1": LineConfig(rows=6, cols=10, pass_rate_floor=0.9, takt_seconds=60),
+            "L2": LineConfig(rows=6, cols=24, pass_rate_floor=0.9, takt_seconds=60),
+        },
+        "events_min_interval_seconds": 0.05,
+        "alarm_check_seconds": 0.5,
+        "sse_keepalive_seconds": 0.5,
+    }
+    values.update(overrides)
+    return make_settings(**values)
+
+
+# -- snapshots ------------------------------------------------------------------------------------
+
+
+def test_snapshot_windows_failed_cells_and_alarms(make_settings: MakeSettings) -> None:
+    settings = live_settings(make_settings)
+    with TestClient(create_app(settings), headers=AUTH) as client:
+        for i in range(9):
+            post(client, "L1", f"P{i}", L1_PASS)
+        sessions = client.app.state.services.sessions  # type: ignore[attr-defined]
+        now = datetime.now(UTC)
+        calm = line_snapshot(sessions, settings, "L1", now)
+        assert calm["windows"]["last"] == {
+            "modules": 9,
+            "counts": {"PASS": 9, "REVIEW": 0, "FAIL": 0},
+            "pass_rate": 1.0,
+        }
+        assert calm["alarm"] == {"state": "ok", "reasons": []} and calm["failed"] == []
+        assert sum(p["modules"] for p in calm["trend"]) == 9
+
+        post(client, "L1", "F1", L1_FAIL)  # 9 of 10 = 0.9: at the floor, not below it
+        post(client, "L1", "F2", L1_FAIL)  # 9 of 11 < 0.9: alarm
+        low = line_snapshot(sessions, settings, "L1", datetime.now(UTC))
+        assert low["alarm"]["state"] == "alarm"
+        assert [r["kind"] for r in low["alarm"]["reasons"]] == ["low_pass_rate"]
+        assert low["windows"]["shift"]["counts"]["FAIL"] == 2 and low["reviews_pending"] == 2
+        assert [f["serial"] for f in low["failed"]] == ["F2", "F1"]
+        assert [(c["row"], c["col"]) for c in low["failed"][0]["defective"]] == [(2, 3)]
+        assert len(low["failed"][0]["defective"][0]["polygon"]) == 4
+
+        later = line_snapshot(sessions, settings, "L1", datetime.now(UTC) + timedelta(seconds=61))
+        assert "no_frames" in [r["kind"] for r in later["alarm"]["reasons"]]
+        idle = line_snapshot(sessions, settings, "L2", datetime.now(UTC))
+        assert idle["alarm"]["state"] == "idle" and idle["windows"]["last"]["pass_rate"] is None
+
+
+def test_snapshot_on_both_databases(client: TestClient) -> None:
+    """The trend's time buckets are the one dialect-specific query: run it on SQLite and PostgreSQL."""
+    from sqlalchemy import update
+
+    from serving.db import Inspection
+    from serving.settings import shift_start
+
+    for serial, body in (("P1", L1_PASS), ("F1", L1_FAIL), ("P2", L1_PASS)):
+        post(client, "L1", serial, body)
+    services = client.app.state.services  # type: ignore[attr-defined]
+    settings = services.settings
+    now = datetime.now(UTC)
+    bucket = timedelta(minutes=settings.trend_bucket_minutes)
+    start = shift_start(settings.lines["L1"], now.astimezone())
+    # two modules seconds apart in the shift's first bucket, one in its second bucket
+    placed = {"P1": start + timedelta(seconds=1), "F1": start + timedelta(seconds=7), "P2": start + bucket}
+    with services.sessions() as session:
+        for serial, at in placed.items():
+            session.execute(update(Inspection).where(Inspection.serial == serial).values(created_at=at))
+        session.commit()
+    snapshot = line_snapshot(services.sessions, settings, "L1", now)
+    assert snapshot["windows"]["shift"]["counts"] == {"PASS": 2, "REVIEW": 0, "FAIL": 1}
+    assert [(p["modules"], p["pass_rate"]) for p in snapshot["trend"]] == [(2, 0.5), (1, 1.0)]
+    first = datetime.fromisoformat(snapshot["trend"][0]["t"])  # buckets are aligned to the epoch
+    assert first <= start < first + bucket
+    assert snapshot["reviews_pending"] == 1
+
+
+# -- the stream -----------------------------------------------------------------------------------
+
+
+class SseReader:
+    """Reads one /events stream in a thread: events as dicts, keep-alive comments counted."""
+
+    def __init__(self, base: str, headers: dict[str, str], last_event_id: str | None = None) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.comments = 0
+        self.status: int | None = None
+        self._stop = threading.Event()
+        self._headers = dict(headers)
+        if last_event_id is not None:
+            self._headers["Last-Event-ID"] = last_event_id
+        self._thread = threading.Thread(target=self._read, args=(base,), daemon=True)
+        self._thread.start()
+
+    def _read(self, base: str) -> None:
+        timeout = httpx.Timeout(10, read=2)
+        with (
+            httpx.Client(base_url=base, timeout=timeout) as client,
+            client.stream("GET", "/events", headers=self._headers) as response,
+        ):
+            self.status = response.status_code
+            if response.status_code != 200:
+                return
+            fields: dict[str, str] = {}
+            for line in response.iter_lines():
+                if self._stop.is_set():
+                    return
+                if line.startswith(":"):
+                    self.comments += 1
+                elif line == "":
+                    if "data" in fields:
+                        self.events.append({"id": int(fields["id"]), **json.loads(fields["data"])})
+                    fields = {}
+                else:
+                    name, _, value = line.partition(": ")
+                    fields[name] = value
+
+    def latest(self, line_id: str) -> dict[str, Any] | None:
+        return next((e for e in reversed(self.events) if e["line_id"] == line_id), None)
+
+    def wait_for(self, check: Any, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if check():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture
+def live(make_settings: MakeSettings) -> Iterator[tuple[str, Any]]:
+    settings = live_settings(make_settings, sse_max_clients=3)
+    app = create_app(settings)
+    with serve_in_thread(settings, app) as address:
+        yield f"http://{address}", app
+
+
+def test_stream_updates_resumes_and_keeps_alive(live: tuple[str, Any]) -> None:
+    base, _app = live
+    reader = SseReader(base, AUTH)
+    try:
+        assert reader.wait_for(lambda: reader.latest("L1") and reader.latest("L2"), 5), "no initial snapshots"
+        with httpx.Client(base_url=base, headers=AUTH, timeout=10) as client:
+            posted = time.monotonic()
+            post(client, "L1", "S1", L1_PASS)
+            assert reader.wait_for(
+                lambda: reader.latest("L1")["windows"]["last"]["modules"] == 1,  # type: ignore[index]
+                2,
+            ), "the stream did not show the new module within 2 s"
+            assert time.monotonic() - posted < 2
+            seen = reader.events[-1]["id"]
+            assert reader.wait_for(lambda: reader.comments >= 1, 3), "no keep-alive comment"
+            ids = [e["id"] for e in reader.events]
+            assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+            post(client, "L1", "S2", L1_FAIL)
+            post(client, "L2", "W1", L2_PASS)
+            assert reader.wait_for(
+                lambda: reader.latest("L2")["windows"]["last"]["modules"] == 1,  # type: ignore[index]
+                3,
+            )
+    finally:
+        reader.close()
+    # a screen that lost its connection after event `seen` gets what came after it, nothing older
+    resumed = SseReader(base, AUTH, last_event_id=str(seen))
+    try:
+        assert resumed.wait_for(lambda: resumed.latest("L2") is not None, 3)
+        assert all(e["id"] > seen for e in resumed.events)
+        assert resumed.latest("L1")["windows"]["last"]["modules"] == 2  # type: ignore[index]
+    finally:
+        resumed.close()
+    fresh = SseReader(base, AUTH, last_event_id="123456789")  # unknown id: the latest state whole
+    try:
+        assert fresh.wait_for(lambda: fresh.latest("L1") and fresh.latest("L2"), 3)
+    finally:
+        fresh.close()
+
+
+def test_line_key_stream_and_client_limit(live: tuple[str, Any]) -> None:
+    base, app = live
+    with httpx.Client(base_url=base, headers=AUTH, timeout=10) as client:
+        made = client.post("/keys", json={"name": "line-2", "role": "line", "line_id": "L2"}).json()
+    line_reader = SseReader(base, {"Authorization": f"Bearer {made['key']}"})
+    others = [SseReader(base, AUTH) for _ in range(2)]
+    try:
+        assert line_reader.wait_for(lambda: line_reader.latest("L2") is not None, 5)
+        hub = app.state.services.live
+        assert line_reader.wait_for(lambda: len(hub.clients) == 3, 5)
+        refused = SseReader(base, AUTH)  # the limit is 3
+        assert refused.wait_for(lambda: refused.status == 503, 5)
+        with httpx.Client(base_url=base, headers=AUTH, timeout=10) as client:
+            post(client, "L1", "S1", L1_PASS)
+        assert others[0].wait_for(
+            lambda: others[0].latest("L1")["windows"]["last"]["modules"] == 1,  # type: ignore[index]
+            3,
+        )
+        assert {e["line_id"] for e in line_reader.events} == {"L2"}
+    finally:
+        for reader in [line_reader, *others]:
+            reader.close()
+    # closed screens are noticed and leave the hub (at the latest at the next keep-alive)
+    assert line_reader.wait_for(lambda: len(app.state.services.live.clients) == 0, 8)
+
+
+def test_a_silent_line_raises_the_takt_alarm_on_the_stream(make_settings: MakeSettings) -> None:
+    """No frame for longer than the takt: the periodic check pushes the alarm without any post."""
+    settings = live_settings(
+        make_settings,
+        lines={"L1": LineConfig(rows=6, cols=10, takt_seconds=0.5)},
+        alarm_check_seconds=0.2,
+    )
+    with serve_in_thread(settings) as address:
+        base = f"http://{address}"
+        reader = SseReader(base, AUTH)
+        try:
+            with httpx.Client(base_url=base, headers=AUTH, timeout=10) as client:
+                post(client, "L1", "S1", L1_PASS)
+
+            def alarmed() -> bool:
+                latest = reader.latest("L1")
+                return latest is not None and "no_frames" in [r["kind"] for r in latest["alarm"]["reasons"]]
+
+            assert reader.wait_for(alarmed, 4), "the takt alarm never reached the stream"
+            seen = len(reader.events)
+            with httpx.Client(base_url=base, headers=AUTH, timeout=10) as client:
+                post(
+                    client, "L1", "S2", L1_PASS
+                )  # the line runs again: the alarm clears (until the next takt)
+            assert reader.wait_for(
+                lambda: any(
+                    e["line_id"] == "L1" and e["alarm"]["state"] == "ok" for e in reader.events[seen:]
+                ),
+                3,
+            )
+        finally:
+            reader.close()
+
+
+@pytest.mark.slow
+def test_fifty_screens_at_five_modules_per_second(make_settings: MakeSettings) -> None:
+    """Every screen sees every line reach the true final counts, ids in order, nobody resynced."""
+    settings = live_settings(make_settings, sse_keepalive_seconds=2.0)
+    app = create_app(settings)
+    screens, seconds, rate = 50, 6, 5
+    with serve_in_thread(settings, app) as address:
+        base = f"http://{address}"
+        results = asyncio.run(_screens_under_load(base, screens, seconds, rate))
+        hub = app.state.services.live
+        deadline = time.monotonic() + 8
+        while hub.clients and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not hub.clients, f"{len(hub.clients)} closed screens still counted"
+        assert hub.resyncs == 0, "a screen fell behind and had to be resynced"
+    posted = results["posted"]
+    assert posted["L1"] + posted["L2"] == seconds * rate
+    truth = results["truth"]
+    for index, events in enumerate(results["events"]):
+        ids = [e["id"] for e in events]
+        assert ids == sorted(ids) and len(ids) == len(set(ids)), f"screen {index}: ids out of order"
+        for line in ("L1", "L2"):
+            last = next(e for e in reversed(events) if e["line_id"] == line)
+            assert last["windows"]["shift"] == truth[line], f"screen {index} ends wrong on {line}"
+    # the live events reached every screen alike: same ids after the first snapshot
+    tails = {tuple(e["id"] for e in events if e["id"] > results["start_id"]) for events in results["events"]}
+    assert len(tails) == 1
+
+
+async def _screens_under_load(base: str, screens: int, seconds: int, rate: int) -> dict[str, Any]:
+    events: list[list[dict[str, Any]]] = [[] for _ in range(screens)]
+    limits = httpx.Limits(max_connections=screens + 10)
+    async with httpx.AsyncClient(
+        base_url=base, headers=AUTH, timeout=httpx.Timeout(30), limits=limits
+    ) as client:
+
+        async def screen(index: int, ready: asyncio.Event) -> None:
+            async with client.stream("GET", "/events") as response:
+                assert response.status_code == 200
+                fields: dict[str, str] = {}
+                async for line in response.aiter_lines():
+                    if line == "":
+                        if "data" in fields:
+                            events[index].append({"id": int(fields["id"]), **json.loads(fields["data"])})
+                            if len({e["line_id"] for e in events[index]}) == 2:
+                                ready.set()
+                        fields = {}
+                    elif not line.startswith(":"):
+                        name, _, value = line.partition(": ")
+                        fields[name] = value
+
+        readies = [asyncio.Event() for _ in range(screens)]
+        tasks = [asyncio.create_task(screen(i, readies[i])) for i in range(screens)]
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 20)
+        start_id = max(e["id"] for stream in events for e in stream)
+        posted = {"L1": 0, "L2": 0}
+        begin = time.monotonic()
+        for n in range(seconds * rate):
+            line = "L1" if n % 3 else "L2"
+            body = (L1_FAIL if n % 4 == 0 else L1_PASS) if line == "L1" else L2_PASS
+            headers = {"Content-Type": "image/png", "X-Module-Serial": f"m{n}", "X-Frame-Id": "1"}
+            response = await client.post(f"/lines/{line}/modules", content=body, headers=headers)
+            assert response.status_code == 201
+            posted[line] += 1
+            await asyncio.sleep(max(0.0, begin + (n + 1) / rate - time.monotonic()))  # 5 per second
+        truth = {}
+        for line in ("L1", "L2"):
+            stats = (await client.get(f"/lines/{line}/stats", params={"window": "shift"})).json()
+            truth[line] = {
+                "modules": stats["modules"],
+                "counts": stats["counts"],
+                "pass_rate": stats["pass_rate"],
+            }
+
+        def settled() -> bool:
+            for stream in events:
+                for line in ("L1", "L2"):
+                    last = next((e for e in reversed(stream) if e["line_id"] == line), None)
+                    if last is None or last["windows"]["shift"]["modules"] != truth[line]["modules"]:
+                        return False
+            return True
+
+        deadline = time.monotonic() + 10
+        while not settled() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"events": events, "posted": posted, "truth": truth, "start_id": start_id}
+
+
+# -- Redis: every replica's stream sees every line --------------------------------------------------
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+    except redis.RedisError as exc:
+        problem = f"Redis not reachable at {REDIS_URL}: {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{problem} (CI=true: Redis tests must run, not skip)")
+        pytest.skip(problem)
+    prefix = f"pvqc-test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
+    client.close()
+
+
+@pytest.mark.redis
+def test_redis_broker_carries_events_between_replicas(make_settings: MakeSettings, redis_prefix: str) -> None:
+    settings = live_settings(
+        make_settings, broker_url=REDIS_URL, broker_prefix=redis_prefix, alarm_check_seconds=60
+    )
+    # two replicas on one store, as behind a Kubernetes Service
+    with (
+        TestClient(create_app(settings), headers=AUTH) as first,
+        TestClient(create_app(settings), headers=AUTH) as second,
+    ):
+        post(first, "L1", "S1", L1_PASS)
+        hub = second.app.state.services.live  # type: ignore[attr-defined]
+
+        def second_sees_it() -> bool:
+            latest = hub.latest.get("L1")
+            return latest is not None and latest.payload["windows"]["last"]["modules"] == 1
+
+        deadline = time.monotonic() + 5
+        while not second_sees_it() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert second_sees_it(), "the second replica never heard the first one's inspection"
+        first_hub = first.app.state.services.live  # type: ignore[attr-defined]
+        # ids come from one Redis counter: both replicas name the same event the same way
+        assert first_hub.latest["L1"].id == hub.latest["L1"].id
