@@ -16,6 +16,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "evaluate": ("training.evaluate", "cli", "score a model on the fixed ELPV test split and write a report"),
     "export": ("training.export", "cli", "export a checkpoint to ONNX (FP32 + INT8) with its model card"),
     "simulate-line": ("datasets.line_simulator", "cli", "post generated module frames to a service"),
+    "export-reviewed": (
+        "serving.export_reviewed",
+        "cli",
+        "write reviewed cells (PNG + manifest) from the service's store, for retraining",
+    ),
+    "models": ("training.models", "cli", "model registry: list, evaluate, promote, rollback, shadow"),
 }
 
 

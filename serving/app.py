@@ -1,20 +1,24 @@
 """The FastAPI application: `create_app(settings)` and the lifespan that owns every heavy object.
 
 Owns: start-up (Alembic `upgrade head`, the first admin key, the database engine, the frame store,
-the onnxruntime session and its micro-batcher, metrics, the live-event hub and its broker) and
-orderly shutdown, gathered in one `Services` object on `app.state.services` that routes reach
-through `serving.deps`; which routers and static files the app serves. Nothing heavy is created at
-import time.
+the onnxruntime session and its micro-batcher, metrics, the live-event hub and its broker, and with
+a model registry configured the follower that hot-swaps the served model) and orderly shutdown,
+gathered in one `Services` object on `app.state.services` that routes reach through
+`serving.deps`; which routers and static files the app serves. Nothing heavy is created at import
+time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 from fastapi import FastAPI, Request, Response
@@ -33,6 +37,9 @@ from serving.settings import Settings
 from serving.store import FrameStore
 from serving.views import PreviewCache
 
+if TYPE_CHECKING:
+    from serving.models import ModelFollower
+
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("web") / "static"
@@ -49,6 +56,9 @@ class Services:
     metrics: ServiceMetrics
     keys: KeyChecker
     previews: PreviewCache
+    shadow: ModelRuntime | None = None  # a candidate scoring live frames beside the active model
+    follower: ModelFollower | None = None  # set by the lifespan when a model registry is configured
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # background work (shadow scoring)
     listeners: list[EventPublisher] = field(default_factory=list)  # besides the live hub
     live: LiveEvents | None = None  # set by the lifespan: it needs the running event loop
 
@@ -77,7 +87,7 @@ def start_services(settings: Settings, publisher: EventPublisher | None) -> Serv
     sessions = sessionmaker(engine, expire_on_commit=False)
     configured = settings.bootstrap_admin_key
     ensure_admin_key(sessions, configured.get_secret_value() if configured else None)
-    runtime = load_runtime(settings.model_dir, settings.model_variant, settings.ort_threads)
+    runtime = load_runtime(served_model_dir(settings), settings.model_variant, settings.ort_threads)
     metrics = ServiceMetrics()
     batcher = MicroBatcher(
         runtime,
@@ -102,6 +112,20 @@ def start_services(settings: Settings, publisher: EventPublisher | None) -> Serv
     )
 
 
+def served_model_dir(settings: Settings) -> Path:
+    """The registry's active version when a registry is configured and names one, else model_dir."""
+    if settings.model_registry is not None:
+        from model.registry import Registry
+
+        active = Registry(settings.model_registry).active()
+        if active is not None:
+            return Registry(settings.model_registry).folder(active)
+        log.warning(
+            "registry %s has no active version: serving %s", settings.model_registry, settings.model_dir
+        )
+    return settings.model_dir
+
+
 def stop_services(services: Services) -> None:
     services.batcher.stop()
     services.engine.dispose()
@@ -114,12 +138,25 @@ def create_app(settings: Settings | None = None, publisher: EventPublisher | Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await anyio.to_thread.run_sync(start_services, settings, publisher)
         live = LiveEvents(settings, services.sessions, make_broker(settings))
+        follow: asyncio.Task[None] | None = None
         try:
             await live.start()
             services.live = live
+            if settings.model_registry is not None:
+                from model.registry import Registry
+                from serving.models import ModelFollower
+
+                services.follower = ModelFollower(services, Registry(settings.model_registry))
+                follow = asyncio.create_task(services.follower.run(), name="pvqc-model-follower")
             app.state.services = services
             yield
         finally:
+            for task in list(services.tasks):
+                task.cancel()
+            if follow is not None:
+                follow.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follow
             await live.stop()
             await anyio.to_thread.run_sync(stop_services, services)
 
@@ -141,9 +178,9 @@ def create_app(settings: Settings | None = None, publisher: EventPublisher | Non
 
 
 def _include_routers(app: FastAPI) -> None:
-    from serving.routes import events, health, inspections, keys, lines, metrics, pages, review, v2
+    from serving.routes import events, health, inspections, keys, lines, metrics, models, pages, review, v2
 
-    for module in (health, lines, inspections, v2, metrics, keys, review, events, pages):
+    for module in (health, lines, inspections, v2, metrics, keys, models, review, events, pages):
         app.include_router(module.router)
 
 

@@ -20,6 +20,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-dir", type=Path, help="folder with card.json and the ONNX files")
     parser.add_argument("--variant", help="model file variant from the card, e.g. fp32 or int8")
+    parser.add_argument(
+        "--registry",
+        type=Path,
+        help="model registry folder (e.g. models/pvqc-cell): serve and follow its active version",
+    )
     parser.add_argument("--database-url", help="SQLAlchemy URL; default: SQLite under ./var/")
     parser.add_argument("--var-dir", type=Path, help="folder for the embedded database and frames")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -39,11 +44,13 @@ def serve_cli(argv: list[str]) -> int:
     overrides = {
         "model_dir": args.model_dir,
         "model_variant": args.variant,
+        "model_registry": args.registry,
         "database_url": args.database_url,
         "var_dir": args.var_dir,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    log.info("pvqc serve on http://%s:%d with model %s", args.host, args.port, settings.model_dir)
+    model = f"the registry {settings.model_registry}" if settings.model_registry else settings.model_dir
+    log.info("pvqc serve on http://%s:%d with model %s", args.host, args.port, model)
     uvicorn.run(
         create_app(settings),
         host=args.host,

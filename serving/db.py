@@ -1,10 +1,10 @@
 """The inspection store's tables and engine: SQLAlchemy 2 models, engine set-up, Alembic upgrade.
 
-Owns: the `inspections` and `inspection_cells` tables, the `api_keys` table and the append-only
-`review_decisions` audit table (the migrations in `serving/migrations` create them; these models
-must match), how an engine is made durable on SQLite (WAL + synchronous FULL,
-so a committed row survives kill -9 and power loss) and PostgreSQL, and running `upgrade head` at
-start. The same models serve both databases; only the URL differs.
+Owns: the `inspections` and `inspection_cells` tables, the `api_keys` table, the append-only
+`review_decisions` audit table, the `shadow_results` of a shadow model (the migrations in
+`serving/migrations` create them; these models must match), how an engine is made durable on
+SQLite (WAL + synchronous FULL, so a committed row survives kill -9 and power loss) and
+PostgreSQL, and running `upgrade head` at start. The same models serve both databases; only the URL differs.
 """
 
 from __future__ import annotations
@@ -160,6 +160,30 @@ class ReviewDecision(Base):
     note: Mapped[str | None] = mapped_column(String(2000), nullable=True)
     reviewer: Mapped[str] = mapped_column(String(64))  # the key's name
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class ShadowResult(Base):
+    """A shadow (candidate) model's judgement of a stored inspection; it never changed the verdict.
+
+    `cells` holds every cell's shadow probability and verdict; `disagrees` is set when the module
+    verdict or any cell's verdict differs from the active model's (the review queue can filter on it).
+    """
+
+    __tablename__ = "shadow_results"
+    __table_args__ = (
+        UniqueConstraint("inspection_id", "model_version", name="uq_shadow_results_inspection_version"),
+        Index("ix_shadow_results_disagrees", "disagrees", "inspection_id"),
+    )
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    inspection_id: Mapped[int] = mapped_column(ForeignKey("inspections.id", ondelete="CASCADE"))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(String(16))  # ModuleVerdict the shadow would have given
+    disagrees: Mapped[bool] = mapped_column(Boolean)
+    n_disagreeing_cells: Mapped[int] = mapped_column(Integer)
+    cells: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 def make_engine(url: str) -> Engine:

@@ -65,6 +65,7 @@ def load_runtime(model_dir: Path, variant: str, threads: int) -> ModelRuntime:
 @dataclass
 class _Job:
     batch: np.ndarray  # (n, 1, S, S) uint8 or float32 grey levels
+    runtime: ModelRuntime  # the model this job started with: a swap never changes it mid-request
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[dict[str, np.ndarray]]
     enqueued: float = field(default_factory=time.perf_counter)
@@ -120,8 +121,11 @@ class MicroBatcher:
         """Whether `cells` more would fit now: lets a route refuse before decoding a frame."""
         return self._pending_cells + cells <= self.max_queue_cells
 
-    async def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    async def infer(self, batch: np.ndarray, runtime: ModelRuntime | None = None) -> dict[str, np.ndarray]:
         """Outputs by name for a (n, 1, S, S) batch of grey levels (uint8 or float32).
+
+        `runtime` (default: the current one) is the model that runs it; a batch only ever mixes
+        jobs of one runtime, so a hot swap (or a shadow model) never mixes models in one call.
 
         uint8 cells wait in the queue as they are (4x smaller) and become float32 per batch.
         Raises QueueFullError when saturated.
@@ -134,7 +138,7 @@ class MicroBatcher:
                 )
             self._pending_cells += n
         loop = asyncio.get_running_loop()
-        job = _Job(np.ascontiguousarray(batch), loop, loop.create_future())
+        job = _Job(np.ascontiguousarray(batch), runtime or self.runtime, loop, loop.create_future())
         self._jobs.put(job)
         return await job.future
 
@@ -179,17 +183,19 @@ class MicroBatcher:
             if job is None:  # stop requested: finish this batch, then leave
                 self._jobs.put(None)
                 break
+            if job.runtime is not first.runtime:  # another model: it opens the next batch
+                self._carry = job
+                break
         return taken
 
     def _run(self, taken: list[tuple[_Job, int, int]]) -> None:
+        runtime = taken[0][0].runtime
         batch = np.concatenate([job.batch[start:stop] for job, start, stop in taken]).astype(
             np.float32, copy=False
         )
         began = time.perf_counter()
         try:
-            values = self.runtime.session.run(
-                list(self.runtime.output_names), {self.runtime.input_name: batch}
-            )
+            values = runtime.session.run(list(runtime.output_names), {runtime.input_name: batch})
         except Exception as exc:  # a bad batch fails its callers, never the worker
             log.exception("inference failed on a batch of %d cells", len(batch))
             for job, start, _stop in taken:
@@ -203,19 +209,15 @@ class MicroBatcher:
         offset = 0
         for job, start, stop in taken:
             count = stop - start
+            names = runtime.output_names
             job.parts.append(
-                {
-                    name: v[offset : offset + count]
-                    for name, v in zip(self.runtime.output_names, values, strict=True)
-                }
+                {name: v[offset : offset + count] for name, v in zip(names, values, strict=True)}
             )
             offset += count
             job.done = stop
             self._release(count)
             if stop == len(job.batch):
-                result = {
-                    name: np.concatenate([p[name] for p in job.parts]) for name in self.runtime.output_names
-                }
+                result = {name: np.concatenate([p[name] for p in job.parts]) for name in runtime.output_names}
                 job.loop.call_soon_threadsafe(_resolve, job.future, result)
 
     def _release(self, cells: int) -> None:

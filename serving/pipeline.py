@@ -22,7 +22,7 @@ from serving.db import Inspection, InspectionCell, utcnow
 from serving.errors import ApiError
 from serving.events import InspectionCompleted, publish_safely
 from serving.images import DecodedImage, ImageRejectedError, decode_image, parse_content_type
-from serving.inference import QueueFullError
+from serving.inference import ModelRuntime, QueueFullError
 from serving.schemas import InspectionOut, inspection_out
 from serving.store import find_existing, insert_inspection, sha256_hex
 from serving.verdicts import InspectionKind, ModuleVerdict, module_verdict
@@ -80,6 +80,8 @@ async def _inspect(
     if not services.batcher.has_room(rows * cols):
         _queue_full(services, f"{services.batcher.pending_cells} cells already waiting")
     clock = _Clock()
+    # the model this request starts with judges it to the end, whatever a hot swap does meanwhile
+    runtime = services.runtime
     try:
         image_type = parse_content_type(request.content_type)
         decoded = await anyio.to_thread.run_sync(
@@ -89,7 +91,7 @@ async def _inspect(
         services.metrics.rejected.labels("image").inc()
         raise ApiError(exc.status, str(exc)) from exc
     clock.lap("decode")
-    size = services.runtime.size
+    size = runtime.size
     if kind is InspectionKind.MODULE:
         cells = await anyio.to_thread.run_sync(
             _cut_module, decoded, rows, cols, size, services.settings.max_pixels
@@ -97,13 +99,18 @@ async def _inspect(
     else:
         cells = await anyio.to_thread.run_sync(_whole_cell, decoded, size)
     clock.lap("geometry")
-    probabilities = await _probabilities(services, cells.images)
+    probabilities = await _probabilities(services, runtime, cells.images)
     clock.lap("inference")
-    row = _inspection_row(services, request, kind, rows, cols, decoded, cells, probabilities)
+    row = _inspection_row(runtime, request, kind, rows, cols, decoded, cells, probabilities)
     stored, created = await anyio.to_thread.run_sync(_persist, services, request.body, decoded, row, clock)
     if created:
         _count(services, stored)
         await publish_safely(services.publisher, _event_of(stored))
+        shadow = services.shadow
+        if shadow is not None and cells.images:
+            from serving.shadow import shadow_later
+
+            shadow_later(services, shadow, stored, decoded.grey, cells.images)
     return inspection_out(stored, duplicate=not created)
 
 
@@ -127,17 +134,17 @@ def _whole_cell(decoded: DecodedImage, size: int) -> _Cells:
     return _Cells([resize_cell(decoded.grey, size)], [(0, 0)], [outline], confidence=1.0)
 
 
-async def _probabilities(services: Services, images: list[np.ndarray]) -> list[float]:
+async def _probabilities(services: Services, runtime: ModelRuntime, images: list[np.ndarray]) -> list[float]:
     if not images:
         return []
     # uint8 (n, 1, S, S): the batcher makes the float32 input of cells_to_batch per onnxruntime call,
     # so waiting cells take a quarter of the memory
     batch = np.stack(images)[:, None]
     try:
-        outputs = await services.batcher.infer(batch)
+        outputs = await services.batcher.infer(batch, runtime)
     except QueueFullError as exc:
         _queue_full(services, str(exc))
-    probability = outputs[services.runtime.card.probability_output]
+    probability = outputs[runtime.card.probability_output]
     return [float(p) for p in np.asarray(probability).reshape(-1)]
 
 
@@ -148,7 +155,7 @@ def _queue_full(services: Services, why: str) -> NoReturn:
 
 
 def _inspection_row(
-    services: Services,
+    runtime: ModelRuntime,
     request: FrameRequest,
     kind: InspectionKind,
     rows: int,
@@ -157,7 +164,7 @@ def _inspection_row(
     cells: _Cells,
     probabilities: list[float],
 ) -> Inspection:
-    card = services.runtime.card
+    card = runtime.card
     points = card.operating_points
     judged = [points.judge(p) for p in probabilities]
     verdict = module_verdict(judged, cells.geometry_ok)

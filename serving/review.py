@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from serving.db import Inspection, ReviewDecision, utcnow
+from serving.db import Inspection, ReviewDecision, ShadowResult, utcnow
 from serving.verdicts import ModuleVerdict
 
 # Knuth's multiplicative hash of the id: a PASS module's place in the sample is random-looking but
@@ -97,6 +97,7 @@ class QueueQuery:
     state: ReviewState = ReviewState.PENDING
     before_id: int | None = None
     limit: int = 50
+    shadow_disagrees: bool | None = None  # True: only modules a shadow model judged otherwise
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class QueueItem:
     inspection: Inspection
     sampled: bool  # a PASS in the queue only because of the sample
     reviewed: dict[str, Any] | None  # the latest module decision's `after`, if any
+    shadow: dict[str, Any] | None = None  # the latest shadow model's judgement, if one scored it
 
 
 def queue_statement(query: QueueQuery) -> Select[Inspection]:
@@ -124,6 +126,9 @@ def queue_statement(query: QueueQuery) -> Select[Inspection]:
         statement = statement.where(has_module_decision())
     if query.before_id is not None:
         statement = statement.where(Inspection.id < query.before_id)
+    if query.shadow_disagrees is not None:
+        disagreeing = exists().where(ShadowResult.inspection_id == Inspection.id, ShadowResult.disagrees)
+        statement = statement.where(disagreeing if query.shadow_disagrees else ~disagreeing)
     return statement
 
 
@@ -132,7 +137,25 @@ def review_queue(sessions: sessionmaker[Session], query: QueueQuery) -> list[Que
     with sessions() as session:
         rows = list(session.scalars(statement))
         latest = _latest_module_decisions(session, [r.id for r in rows])
-    return [QueueItem(r, r.verdict == ModuleVerdict.PASS.value, latest.get(r.id)) for r in rows]
+        shadows = _shadow_results(session, [r.id for r in rows])
+    return [
+        QueueItem(r, r.verdict == ModuleVerdict.PASS.value, latest.get(r.id), shadows.get(r.id)) for r in rows
+    ]
+
+
+def _shadow_results(session: Session, ids: list[int]) -> dict[int, dict[str, Any]]:
+    if not ids:
+        return {}
+    statement = select(ShadowResult).where(ShadowResult.inspection_id.in_(ids)).order_by(ShadowResult.id)
+    return {  # later ids overwrite: the latest shadow's judgement
+        s.inspection_id: {
+            "model_version": s.model_version,
+            "verdict": s.verdict,
+            "disagrees": s.disagrees,
+            "disagreeing_cells": [[c["row"], c["col"]] for c in s.cells if c.get("disagrees")],
+        }
+        for s in session.scalars(statement)
+    }
 
 
 def pending_count(sessions: sessionmaker[Session], line_id: str, sample_rate: float) -> int:

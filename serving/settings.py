@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     model_dir: Path = DEFAULT_MODEL_DIR
     model_variant: str = Field(default="fp32", description="which file of the card's `files` to serve")
     ort_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = all cores")
+    model_registry: Path | None = Field(
+        default=None,
+        description="a registry folder (e.g. models/pvqc-cell): serve its active version and follow "
+        "promotions and rollbacks without a restart; unset: serve model_dir as it is",
+    )
+    registry_poll_seconds: float = Field(default=2.0, gt=0.0, description="how often registry.json is read")
 
     # store
     var_dir: Path = Path("var")

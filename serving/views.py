@@ -82,11 +82,11 @@ def preview_jpeg(grey: np.ndarray, width: int) -> bytes:
     return bytes(data.tobytes())
 
 
-def _cell_pixels(services: Services, row: Inspection, polygon: list[list[float]]) -> np.ndarray:
+def _cell_pixels(services: Services, row: Inspection, polygon: list[list[float]], size: int) -> np.ndarray:
     from model.geometry import resample_cell  # imported here: geometry pulls in more than the rest needs
 
     grey = load_grey(services, row)
-    return resample_cell(grey, np.asarray(polygon, dtype=np.float32), services.runtime.size)
+    return resample_cell(grey, np.asarray(polygon, dtype=np.float32), size)
 
 
 async def cell_heatmap(services: Services, row: Inspection, cell_row: int, cell_col: int) -> dict[str, Any]:
@@ -96,14 +96,15 @@ async def cell_heatmap(services: Services, row: Inspection, cell_row: int, cell_
         raise ApiError(404, f"inspection {row.id} has no cell at row {cell_row}, col {cell_col}")
     if cell.polygon is None:
         raise ApiError(409, f"cell {cell_row},{cell_col} of inspection {row.id} has no stored outline")
-    if CAM_OUTPUT not in services.runtime.output_names:
-        raise ApiError(501, f"model {services.runtime.card.name} has no {CAM_OUTPUT!r} output for heat maps")
+    runtime = services.runtime  # one model for the whole heat map, whatever a hot swap does meanwhile
+    if CAM_OUTPUT not in runtime.output_names:
+        raise ApiError(501, f"model {runtime.card.name} has no {CAM_OUTPUT!r} output for heat maps")
     polygon = cell.polygon
-    pixels = await anyio.to_thread.run_sync(lambda: _cell_pixels(services, row, polygon))
-    outputs = await services.batcher.infer(pixels[None, None])
+    pixels = await anyio.to_thread.run_sync(lambda: _cell_pixels(services, row, polygon, runtime.size))
+    outputs = await services.batcher.infer(pixels[None, None], runtime)
     logits = np.asarray(outputs[CAM_OUTPUT][0], dtype=np.float64)
     heat = 1.0 / (1.0 + np.exp(-logits))  # per-position defect probability, same scale as the cell's
-    probability = float(np.asarray(outputs[services.runtime.card.probability_output]).reshape(-1)[0])
+    probability = float(np.asarray(outputs[runtime.card.probability_output]).reshape(-1)[0])
     return {
         "inspection_id": row.id,
         "row": cell_row,

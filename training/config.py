@@ -41,6 +41,11 @@ class TrainConfig:
     limit_train: int | None = None
     limit_validation: int | None = None
     out_dir: str = "runs/train"
+    # folders written by `pvqc export-reviewed`; their modules' train / validation parts join ELPV's
+    reviewed_sets: list[str] = dataclasses.field(default_factory=list)
+    # sampling weight of each reviewed set's cells relative to an ELPV cell (1.0 each when empty);
+    # with any weight other than 1 the epoch draws its cells with replacement by weight
+    reviewed_weights: list[float] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
         checks = [
@@ -53,6 +58,11 @@ class TrainConfig:
             (not self.cache_frozen or self.freeze_blocks > 0, "cache_frozen needs freeze_blocks > 0"),
             (0 <= self.jitter < 1, "jitter must be in [0, 1)"),
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
+            (
+                not self.reviewed_weights or len(self.reviewed_weights) == len(self.reviewed_sets),
+                "reviewed_weights must give one weight per reviewed set",
+            ),
+            (all(w > 0 for w in self.reviewed_weights), "reviewed_weights must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from datasets.elpv import DatasetError, elpv_root, load_elpv, read_labels, split_file_sha256, split_indices
+from datasets.reviewed import reviewed_provenance
 from model.card import CardError, InputSpec, ModelCard, OperatingPoints, TensorSpec, write_card
 from model.network import WeightsError
 from model.onnx_export import (
@@ -40,8 +41,10 @@ log = logging.getLogger("training.export")
 MODEL_NAME = "pvqc-cell"
 FP32_FILE = "model.onnx"
 INT8_FILE = "model-int8.onnx"
+PARITY_FILE = "parity.npz"  # reference cells + PyTorch probabilities: promotion re-runs them on the ONNX
 CALIBRATION_CELLS = 256
 PARITY_CELLS = 64
+REFERENCE_CELLS = 16  # kept in parity.npz (about 0.6 MB): the release stays under its size budget
 
 
 def git_commit() -> str:
@@ -99,7 +102,10 @@ def build_card(
         metrics={"validation_best_auc": state["best_auc"], "onnx_parity_max_abs": parity},
         provenance={
             "weights": state.get("weights_source", "unknown"),
-            "training_data": "ELPV (elpv-dataset package), fixed split of DESIGN.md",
+            "training_data": "ELPV (elpv-dataset package), fixed split of DESIGN.md"
+            + (" + reviewed modules (pvqc export-reviewed)" if config.get("reviewed_sets") else ""),
+            "reviewed_sets": state.get("reviewed_sets")
+            or reviewed_provenance(config.get("reviewed_sets", []), config.get("reviewed_weights", [])),
             "test_split_sha256": split_file_sha256(),
             "config": config,
             "epochs_run": len(history),
@@ -111,6 +117,16 @@ def build_card(
         },
         files={"fp32": FP32_FILE, "int8": INT8_FILE},
     )
+
+
+def write_parity_reference(model: Any, path: Path, cells: np.ndarray) -> Path:
+    """Cells and PyTorch's probabilities for them; `model.registry` re-runs them before a promotion."""
+    import torch
+
+    with torch.no_grad():
+        expected = model(torch.from_numpy(cells.astype(np.float32))[:, None])[0].numpy()
+    np.savez_compressed(path, cells=cells, probabilities=expected.astype(np.float32))
+    return path
 
 
 def main(
@@ -136,6 +152,7 @@ def main(
     fp32 = export_onnx(model, out / FP32_FILE, size)
     parity = check_parity(model, fp32, calibration.images[:PARITY_CELLS])
     log.info("ONNX parity on %d real cells: max |dp| = %.2e", PARITY_CELLS, parity)
+    write_parity_reference(model, out / PARITY_FILE, calibration.images[:REFERENCE_CELLS])
     quantize_int8(fp32, out / INT8_FILE, calibration.images)
     card = build_card(state, version, operating_points(state["validation"]), parity, notes)
     card.provenance["sha256"] = {FP32_FILE: sha256(fp32), INT8_FILE: sha256(out / INT8_FILE)}

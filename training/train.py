@@ -76,6 +76,32 @@ def training_cells(config: TrainConfig) -> tuple[ElpvCells, ElpvCells]:
     return load_elpv(root, train_idx), load_elpv(root, val_idx)
 
 
+def with_reviewed(
+    config: TrainConfig, train: ElpvCells, val: ElpvCells
+) -> tuple[ElpvCells, ElpvCells, np.ndarray]:
+    """ELPV plus the reviewed sets' train and validation modules (their test modules stay out),
+    and each training cell's sampling weight (1 for ELPV cells, the set's weight for its cells)."""
+    from datasets.reviewed import Part, concatenate, load_reviewed
+
+    weights = [np.ones(len(train))]
+    trains, vals = [train], [val]
+    for i, folder in enumerate(config.reviewed_sets):
+        weight = config.reviewed_weights[i] if config.reviewed_weights else 1.0
+        part_train = load_reviewed(Path(folder), Part.TRAIN, train.images.shape[-1])
+        part_val = load_reviewed(Path(folder), Part.VALIDATION, train.images.shape[-1])
+        log.info(
+            "reviewed set %s: %d training and %d validation cells, weight %g",
+            folder,
+            len(part_train),
+            len(part_val),
+            weight,
+        )
+        trains.append(part_train)
+        vals.append(part_val)
+        weights.append(np.full(len(part_train), weight))
+    return concatenate(trains), concatenate(vals), np.concatenate(weights)
+
+
 def dihedral_batch(x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
     """Apply view v (0..7: rotation by 90*v, flipped when v >= 4) to each sample of (N, C, H, W)."""
     out = torch.empty_like(x)
@@ -245,7 +271,9 @@ def predict_views(
 # ----------------------------------------------------------------------------------------------- main
 
 
-def main(config: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
+def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None = None) -> dict[str, Any]:
+    """Train; `stop_after` ends this process after that many epochs in total (the schedule still spans
+    `config.epochs`), so a run can be split over time-boxed machines and continued with `resume`."""
     rank, world, device = setup_distributed(config)
     is_main = rank == 0
     seed_everything(config.seed + rank)
@@ -258,6 +286,14 @@ def main(config: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
 
     train, val = training_cells(config)
     sample_weights = np.ones(len(train))
+    reviewed_sources: list[dict[str, Any]] = []
+    if config.reviewed_sets:
+        from datasets.reviewed import reviewed_provenance
+
+        reviewed_sources = reviewed_provenance(config.reviewed_sets, config.reviewed_weights)  # as trained on
+        train, val, sample_weights = with_reviewed(config, train, val)
+    # uniform weights: every cell once per epoch; otherwise draw by weight, with replacement
+    by_weight = bool(np.any(sample_weights != 1.0))
     log.info(
         "training on %d cells, validating on %d (world size %d, %s)", len(train), len(val), world, device
     )
@@ -306,13 +342,14 @@ def main(config: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    for epoch in range(first_epoch, config.epochs):
+    last_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
+    for epoch in range(first_epoch, last_epoch):
         started = time.perf_counter()
         # every rank draws the same permutation, then takes its own interleaved share of it
         order = torch.multinomial(
             torch.from_numpy(sample_weights).float(),
             len(train),
-            replacement=False,
+            replacement=by_weight,
             generator=torch.Generator().manual_seed(config.seed * 7919 + epoch),
         )[rank::world]
         set_train_mode(model, start_block)
@@ -374,6 +411,7 @@ def main(config: TrainConfig, resume: Path | None = None) -> dict[str, Any]:
                 "best_auc": best_auc,
                 "history": history,
                 "weights_source": weights_source,
+                "reviewed_sets": reviewed_sources,
                 "validation": {
                     "names": val.names.tolist(),
                     "probabilities": val_prob.tolist(),
@@ -418,11 +456,14 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="YAML or JSON file of TrainConfig keys")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     parser.add_argument("--resume", type=Path, help="continue from a last.pt checkpoint")
+    parser.add_argument(
+        "--stop-after", type=int, help="end after this many epochs; continue later with --resume"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, parse_overrides(args.set))
-        result = main(config, args.resume)
+        result = main(config, args.resume, args.stop_after)
     except (ConfigError, DatasetError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

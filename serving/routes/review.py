@@ -47,6 +47,7 @@ router = APIRouter(prefix="/review", tags=["review"], dependencies=[Depends(requ
 class QueueItemOut(InspectionSummary):
     sampled: bool  # a PASS in the queue only because of the random sample
     reviewed: dict[str, Any] | None  # the latest module decision, if any
+    shadow: dict[str, Any] | None = None  # a shadow model's judgement: verdict, disagreeing cells
 
 
 class QueuePage(BaseModel):
@@ -160,6 +161,9 @@ async def queue(
     state: ReviewState = ReviewState.PENDING,
     before_id: Annotated[int | None, Query(ge=1)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    shadow_disagrees: Annotated[
+        bool | None, Query(description="true: only modules a shadow model judged otherwise")
+    ] = None,
 ) -> QueuePage:
     """FAIL and REVIEW modules plus the PASS sample, newest first; pending ones by default."""
     _aware(since=since, until=until)
@@ -173,10 +177,13 @@ async def queue(
         state,
         before_id,
         limit,
+        shadow_disagrees,
     )
     items = await anyio.to_thread.run_sync(review_queue, services.sessions, query)
     out = [
-        QueueItemOut(**summary_of(i.inspection).model_dump(), sampled=i.sampled, reviewed=i.reviewed)
+        QueueItemOut(
+            **summary_of(i.inspection).model_dump(), sampled=i.sampled, reviewed=i.reviewed, shadow=i.shadow
+        )
         for i in items
     ]
     return QueuePage(items=out, next_before_id=items[-1].inspection.id if len(items) == limit else None)

@@ -94,8 +94,9 @@ async def infer(
     header, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
     batch = _input_tensor(services, header, binary)
     wanted = _requested_outputs(services, header)
+    runtime = services.runtime  # checked against above, with no await between: a swap cannot intervene
     try:
-        values = await services.batcher.infer(batch)
+        values = await services.batcher.infer(batch, runtime)
     except QueueFullError as exc:
         retry = str(services.settings.retry_after_seconds)
         raise ApiError(503, f"inference queue is full: {exc}; retry later", {"Retry-After": retry}) from exc

@@ -74,8 +74,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     with engine.begin() as connection:  # the next test migrates from empty again
         connection.execute(
             text(
-                "DROP TABLE IF EXISTS review_decisions, api_keys, inspection_cells, inspections, "
-                "alembic_version"
+                "DROP TABLE IF EXISTS shadow_results, review_decisions, api_keys, inspection_cells, "
+                "inspections, alembic_version"
             )
         )
         connection.execute(text("DROP FUNCTION IF EXISTS review_decisions_append_only()"))

@@ -65,6 +65,8 @@ ROUTES: dict[tuple[str, str], Any] = {
     ("POST", "/keys"): Role.ADMIN,
     ("POST", "/keys/{key_id}/revoke"): Role.ADMIN,
     ("GET", "/admin/config"): Role.ADMIN,
+    ("GET", "/models"): Role.ADMIN,
+    ("POST", "/models/reload"): Role.ADMIN,
 }
 
 

@@ -57,3 +57,16 @@ def test_evaluation_on_a_handful_of_cells_writes_every_report_file(
     assert set(report["variants"]) == {"fp32", "int8"}
     assert len(report["cells"]) == 6 and report["tta_views"] == 8
     assert "| accuracy |" in (tmp_path / "report.md").read_text()
+
+
+def test_release_carries_a_parity_reference_the_registry_accepts(smoke_release: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from model.registry import PARITY_FILE, Registry, check_candidate
+
+    assert (smoke_release / PARITY_FILE).is_file()
+    assert check_candidate(smoke_release) <= 1e-4
+    registry = Registry(tmp_path / "pvqc-cell")
+    shutil.copytree(smoke_release, registry.root / "0.0.0-test")
+    assert registry.promote("0.0.0-test") is None
+    assert registry.active() == "0.0.0-test"

@@ -36,22 +36,20 @@ def test_checkpoint_rebuilds_the_model_on_its_own(smoke_run: Path) -> None:
 
 
 def test_resume_continues_from_the_next_epoch(tmp_path: Path) -> None:
-    config = tiny_config(
-        tmp_path / "run", epochs=2, freeze_blocks=3, cache_frozen=True, limit_train=8, limit_validation=8
-    )
-    main(config)
-    # simulate a run that stopped after its first epoch
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
-    first = load_checkpoint(tmp_path / "run" / "best.pt") if state["epoch"] == 0 else state
-    first["epoch"], first["history"] = 0, state["history"][:1]
-    torch.save(first, tmp_path / "after-epoch-1.pt")
-    resumed = tiny_config(
-        tmp_path / "resumed", epochs=2, freeze_blocks=3, cache_frozen=True, limit_train=8, limit_validation=8
-    )
-    result = main(resumed, resume=tmp_path / "after-epoch-1.pt")
+    settings = {
+        "epochs": 2,
+        "freeze_blocks": 3,
+        "cache_frozen": True,
+        "limit_train": 8,
+        "limit_validation": 8,
+    }
+    main(tiny_config(tmp_path, **settings), stop_after=1)  # a run split over two sessions
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 0
+    result = main(tiny_config(tmp_path, **settings), resume=tmp_path / "last.pt")
     assert result["epochs"] == 2
-    rows = list(csv.DictReader((tmp_path / "resumed" / "metrics.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert load_checkpoint(tmp_path / "last.pt")["scheduler"]["last_epoch"] == 2  # one step per batch
 
 
 def test_resume_with_another_schedule_is_refused(smoke_run: Path, tmp_path: Path) -> None:

@@ -51,6 +51,13 @@
       const text = document.createElement("span");
       text.textContent = `${item.serial} · ${item.line_id} · ${pvqc.time(item.created_at)}`;
       li.append(verdict, text);
+      if (item.shadow?.disagrees) {
+        const shadow = document.createElement("span");
+        shadow.className = "shadow";
+        shadow.title = `shadow model ${item.shadow.model_version} says ${item.shadow.verdict}`;
+        shadow.textContent = `shadow ${item.shadow.verdict}`;
+        li.appendChild(shadow);
+      }
       if (item.reviewed) {
         const done = document.createElement("span");
         done.className = "done";

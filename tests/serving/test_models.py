@@ -1,0 +1,154 @@
+"""Hot swap and shadow mode: the service follows the registry's active version without a restart,
+never mixes models in one onnxruntime call, and a shadow model's disagreements reach the review
+queue without changing any verdict."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from model.registry import Registry
+from serving.app import create_app
+from serving.inference import MicroBatcher, ModelRuntime, load_runtime
+from tests.registry_helpers import tiny_version
+from tests.serving.conftest import MakeSettings
+from tests.serving.helpers import AUTH, BRIGHT, MID, module_frame, png
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    registry = Registry(tmp_path / "models" / "pvqc-cell")
+    tiny_version(registry.root / "1.0.0", "1.0.0")
+    # the same graph with a lower threshold: a mid-grey cell is defective to it, uncertain to 1.0.0
+    tiny_version(registry.root / "2.0.0", "2.0.0", threshold=0.3, review=0.2)
+    registry.promote("1.0.0")
+    return registry
+
+
+@pytest.fixture
+def client(make_settings: MakeSettings, registry: Registry, tmp_path: Path) -> Iterator[TestClient]:
+    settings = make_settings(
+        model_dir=tmp_path / "unused", model_registry=registry.root, registry_poll_seconds=60
+    )
+    with TestClient(create_app(settings), headers=AUTH) as test_client:
+        yield test_client
+
+
+def post(client: TestClient, serial: str, level: int = BRIGHT) -> dict[str, Any]:
+    levels = np.full((6, 10), BRIGHT)
+    levels[1, 2] = level
+    headers = {"Content-Type": "image/png", "X-Module-Serial": serial, "X-Frame-Id": "1"}
+    response = client.post("/lines/L1/modules", content=png(module_frame(levels)), headers=headers)
+    assert response.status_code == 201, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def test_promotion_and_rollback_switch_the_served_model(client: TestClient, registry: Registry) -> None:
+    assert client.get("/models").json()["active"]["version"] == "1.0.0"
+    assert post(client, "A")["model"]["version"] == "1.0.0"
+    registry.promote("2.0.0")
+    reloaded = client.post("/models/reload").json()
+    assert reloaded["swapped"] and reloaded["active"]["version"] == "2.0.0"
+    assert post(client, "B")["model"]["version"] == "2.0.0"
+    registry.rollback()
+    assert client.post("/models/reload").json()["active"]["version"] == "1.0.0"
+    assert post(client, "C")["model"]["version"] == "1.0.0"
+    assert client.get("/inspections/1").json()["model"]["version"] == "1.0.0"  # stored as judged
+
+
+def test_a_broken_version_keeps_the_current_model(client: TestClient, registry: Registry) -> None:
+    registry.promote("2.0.0")
+    (registry.root / "2.0.0" / "model.onnx").write_bytes(b"not onnx")  # broken after promotion
+    assert not client.post("/models/reload").json()["swapped"]
+    assert post(client, "A")["model"]["version"] == "1.0.0"
+
+
+def test_replicas_sharing_the_registry_all_follow_it(
+    make_settings: MakeSettings, registry: Registry, tmp_path: Path
+) -> None:
+    # two replicas (own databases here; what they share is the registry folder), each polling it
+    replicas = [
+        make_settings(model_registry=registry.root, registry_poll_seconds=0.1, var_dir=tmp_path / f"var{i}")
+        for i in range(2)
+    ]
+    with (
+        TestClient(create_app(replicas[0]), headers=AUTH) as one,
+        TestClient(create_app(replicas[1]), headers=AUTH) as two,
+    ):
+        assert post(one, "A")["model"]["version"] == post(two, "A")["model"]["version"] == "1.0.0"
+        registry.promote("2.0.0")
+        deadline = time.monotonic() + 10
+        for client in (one, two):
+            while client.get("/models").json()["active"]["version"] != "2.0.0":
+                assert time.monotonic() < deadline, "a replica did not follow the registry"
+                time.sleep(0.05)
+        assert post(one, "B")["model"]["version"] == post(two, "B")["model"]["version"] == "2.0.0"
+
+
+def test_the_shadow_never_changes_a_verdict_and_its_disagreements_are_queued(
+    client: TestClient, registry: Registry
+) -> None:
+    registry.set_shadow("2.0.0")
+    assert client.post("/models/reload").json()["shadow"]["version"] == "2.0.0"
+    stored = post(client, "S1", MID)
+    assert stored["verdict"] == "REVIEW" and stored["model"]["version"] == "1.0.0"
+    deadline = time.monotonic() + 10
+    while True:
+        page = client.get("/review/queue", params={"shadow_disagrees": True, "state": "all"}).json()
+        if page["items"]:
+            break
+        assert time.monotonic() < deadline, "no shadow result was stored"
+        time.sleep(0.05)
+    (item,) = page["items"]
+    assert item["inspection_id"] == stored["inspection_id"] and item["verdict"] == "REVIEW"
+    assert item["shadow"] == {
+        "model_version": "2.0.0",
+        "verdict": "FAIL",
+        "disagrees": True,
+        "disagreeing_cells": [[1, 2]],
+    }
+    assert client.get(f"/inspections/{stored['inspection_id']}").json()["verdict"] == "REVIEW"
+    agreeing = client.get("/review/queue", params={"shadow_disagrees": False, "state": "all"}).json()
+    assert stored["inspection_id"] not in [i["inspection_id"] for i in agreeing["items"]]
+
+
+class CountingSession:
+    """Stands in for an InferenceSession: answers a constant and records each call's batch size."""
+
+    def __init__(self, value: float) -> None:
+        self.value, self.calls = value, []
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        n = len(next(iter(feeds.values())))
+        self.calls.append(n)
+        return [np.full(n, self.value, np.float32), np.zeros((n, 4, 4), np.float32)]
+
+
+def test_a_batch_never_mixes_two_models(tiny_model: Path) -> None:
+    base = load_runtime(tiny_model, "fp32", 1)
+    sessions = CountingSession(0.25), CountingSession(0.75)
+    runtimes: list[ModelRuntime] = [replace(base, session=s) for s in sessions]  # type: ignore[arg-type]
+    batcher = MicroBatcher(runtimes[0], max_batch=64, max_wait_ms=20, max_queue_cells=10_000)
+    batcher.start()
+    try:
+
+        async def many() -> list[tuple[int, dict[str, np.ndarray]]]:
+            cells = np.zeros((3, 1, 32, 32), np.uint8)
+            jobs = [batcher.infer(cells, runtimes[i % 2]) for i in range(20)]
+            return list(enumerate(await asyncio.gather(*jobs)))
+
+        results = asyncio.run(many())
+    finally:
+        batcher.stop()
+    for i, outputs in results:
+        assert np.all(outputs["probability"] == sessions[i % 2].value)
+    assert sum(sessions[0].calls) == sum(sessions[1].calls) == 30
