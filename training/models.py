@@ -29,7 +29,6 @@ import numpy as np
 from datasets.elpv import DatasetError, ElpvCells
 from model.card import CardError, ModelCard, read_card
 from model.registry import Registry, RegistryError, now_iso
-from training.metrics import classification_metrics
 
 log = logging.getLogger("training.models")
 DEFAULT_ROOT = Path("models/pvqc-cell")
@@ -106,6 +105,9 @@ def compare(
         "tta_views": 8 if tta else 1,
         "sets": {},
     }
+    # scikit-learn comes with the training extras only; list / promote / rollback work without it
+    from training.metrics import classification_metrics
+
     reasons: list[str] = []
     for set_name, cells in sets.items():
         scored: dict[str, Any] = {}
