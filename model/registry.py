@@ -174,22 +174,7 @@ class Registry:
             previous: str | None = state["active"]
             if previous == version:
                 raise RegistryError(f"{version} is already active")
-            if previous is not None:
-                state["versions"].setdefault(previous, {})["status"] = Status.RETIRED.value
-            state["versions"].setdefault(version, {})["status"] = Status.ACTIVE.value
-            state["active"] = version
-            if state["shadow"] == version:
-                state["shadow"] = None
-            state["history"].append(
-                {
-                    "action": "promote",
-                    "version": version,
-                    "previous": previous,
-                    "at": now_iso(),
-                    "by": who(),
-                    "note": note,
-                }
-            )
+            activate(state, version, previous, "promote", note)
         return previous
 
     def rollback(self, *, note: str = "") -> str:
@@ -207,21 +192,7 @@ class Registry:
             raise RegistryError(f"{active} replaced no earlier version: nothing to roll back to")
         check_candidate(self.folder(previous))
         with self._locked() as state:
-            state["versions"].setdefault(active, {})["status"] = Status.RETIRED.value
-            state["versions"].setdefault(previous, {})["status"] = Status.ACTIVE.value
-            state["active"] = previous
-            if state["shadow"] == previous:
-                state["shadow"] = None
-            state["history"].append(
-                {
-                    "action": "rollback",
-                    "version": previous,
-                    "previous": active,
-                    "at": now_iso(),
-                    "by": who(),
-                    "note": note,
-                }
-            )
+            activate(state, previous, active, "rollback", note)
         return str(previous)
 
     def set_shadow(self, version: str | None) -> None:
@@ -292,3 +263,23 @@ def check_parity_reference(folder: Path, card: ModelCard, tolerance: float = PAR
             f"reference probabilities by {difference:.2e} (allowed {tolerance:.0e})"
         )
     return difference
+
+
+def activate(state: dict[str, Any], version: str, previous: str | None, action: str, note: str) -> None:
+    """Make `version` the active one in a locked registry state, retire `previous`, log the action."""
+    if previous is not None:
+        state["versions"].setdefault(previous, {})["status"] = Status.RETIRED.value
+    state["versions"].setdefault(version, {})["status"] = Status.ACTIVE.value
+    state["active"] = version
+    if state["shadow"] == version:
+        state["shadow"] = None  # a version cannot shadow itself
+    state["history"].append(
+        {
+            "action": action,
+            "version": version,
+            "previous": previous,
+            "at": now_iso(),
+            "by": who(),
+            "note": note,
+        }
+    )
