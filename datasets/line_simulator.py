@@ -94,6 +94,7 @@ def run(args: argparse.Namespace, cells: ElpvCells, client: httpx.Client | None 
         grids=((args.rows, args.cols),),
         cell_px=(args.cell_px * 0.9, args.cell_px * 1.1),
         neighbour_probability=0.1,
+        defect_rate=args.defect_rate,
     )
     url = module_url(args.url, args.line)
     outcomes: Counter[str] = Counter()
@@ -124,6 +125,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cols", type=int, default=10, help="cell columns as the module appears in the frame"
     )
     parser.add_argument("--cell-px", type=float, default=120.0, help="a cell's size in the frame, pixels")
+    parser.add_argument(
+        "--defect-rate",
+        type=float,
+        default=None,
+        help="share of modules with 1-3 defective cells, the rest functional (default: random ELPV cells)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--api-key", default=None, help="sent as the X-API-Key header")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer")

@@ -274,15 +274,34 @@ def generate_frames(
     cell_px: tuple[float, float] = (90.0, 140.0),
     neighbour_probability: float = 0.25,
     photometric: bool = True,
+    defect_rate: float | None = None,
 ) -> Iterator[SyntheticFrame]:
     """A reproducible stream of `count` frames with random specs (same seed, same frames).
 
     `photometric=False` keeps the same poses, grids and cells but drops gain, vignetting and noise:
     it separates what the geometry does to a cell from what lighting does to a classifier.
+    `defect_rate` (0..1): modules are built from functional cells, and that share of them get one to
+    three defective ones; None draws cells at random (about a quarter of ELPV's cells are defective).
     """
     rng = np.random.default_rng(seed)
     for _ in range(count):
         spec = random_spec(rng, grids, cell_px, neighbour_probability)
         if not photometric:
             spec = replace(spec, vignetting=0.0, noise_sigma=0.0, gain=1.0)
-        yield render_frame(cells, spec, rng)
+        indices = (
+            None if defect_rate is None else factory_indices(cells, spec.rows * spec.cols, defect_rate, rng)
+        )
+        yield render_frame(cells, spec, rng, indices)
+
+
+def factory_indices(cells: ElpvCells, count: int, defect_rate: float, rng: np.random.Generator) -> np.ndarray:
+    """Cells for one module as a line sees them: functional, and with `defect_rate` a few defective."""
+    functional = np.flatnonzero(cells.probabilities == 0)
+    defective = np.flatnonzero(cells.probabilities >= 0.5)
+    if len(functional) == 0:
+        raise ValueError("expected functional cells (probability 0) to build modules from")
+    indices = rng.choice(functional, size=count, replace=count > len(functional))
+    if len(defective) and rng.random() < defect_rate:
+        flawed = min(count, int(rng.integers(1, 4)))
+        indices[rng.choice(count, size=flawed, replace=False)] = rng.choice(defective, size=flawed)
+    return indices

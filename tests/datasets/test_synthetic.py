@@ -69,3 +69,16 @@ def test_neighbour_module_is_cut_off_at_its_edge(cells: ElpvCells) -> None:
     assert frame.corners[:, 0].max() < frame.image.shape[1] * 0.9, (
         "expected the main module clear of the edge"
     )
+
+
+def test_defect_rate_builds_mostly_functional_modules() -> None:
+    from datasets.elpv import load_elpv
+    from datasets.synthetic import factory_indices
+
+    cells = load_elpv(indices=np.arange(300))
+    rng = np.random.default_rng(0)
+    modules = [factory_indices(cells, 60, 0.2, rng) for _ in range(200)]
+    flawed = [int((cells.probabilities[m] >= 0.5).sum()) for m in modules]
+    assert all(n <= 3 for n in flawed)
+    assert 0.1 < np.mean([n > 0 for n in flawed]) < 0.3
+    assert all(set(cells.probabilities[m]) <= {0.0, 2 / 3, 1.0} for m in modules)
