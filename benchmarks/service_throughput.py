@@ -33,6 +33,7 @@ import httpx
 import numpy as np
 
 from model.card import read_card
+from serving.cli import wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models/pvqc-cell/1.0.0"
@@ -113,18 +114,8 @@ def start_service(args: argparse.Namespace, var_dir: Path) -> tuple[subprocess.P
     ]
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"service exited with {process.returncode}")
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                return process, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit("service did not become ready")
+    wait_until_ready(process, base, timeout=120)
+    return process, base
 
 
 Request = Callable[[httpx.Client, int], int]  # posts request n, returns cells judged

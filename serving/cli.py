@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -61,3 +63,24 @@ def serve_cli(argv: list[str]) -> int:
         timeout_graceful_shutdown=5,
     )
     return 0
+
+
+def wait_until_ready(process: subprocess.Popen[bytes], base: str, timeout: float) -> None:
+    """Block until a `pvqc serve` subprocess answers /v2/health/ready; raise if it dies or stays silent.
+
+    For benchmarks and tests that start the service as a separate process.
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"service exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass  # not listening yet
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"service did not become ready in {timeout:.0f} s")

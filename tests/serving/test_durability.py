@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
+from serving.cli import wait_until_ready
 from tests.serving.conftest import free_port
 from tests.serving.helpers import ADMIN_KEY, AUTH, BRIGHT, DARK, module_frame, png
 
@@ -53,18 +54,8 @@ def start_service(var_dir: Path, model_dir: Path) -> tuple[subprocess.Popen[byte
         env=env,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"service exited with {process.returncode}")
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                return process, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("service did not become ready in 60 s")
+    wait_until_ready(process, base, timeout=60)
+    return process, base
 
 
 @pytest.mark.slow
