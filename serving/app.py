@@ -87,7 +87,7 @@ def start_services(settings: Settings, publisher: EventPublisher | None) -> Serv
     sessions = sessionmaker(engine, expire_on_commit=False)
     configured = settings.bootstrap_admin_key
     ensure_admin_key(sessions, configured.get_secret_value() if configured else None)
-    runtime = load_runtime(served_model_dir(settings), settings.model_variant, settings.ort_threads)
+    runtime = load_runtime(served_model_dir(settings), settings.model_variant, settings.session_threads)
     metrics = ServiceMetrics()
     batcher = MicroBatcher(
         runtime,
@@ -95,6 +95,7 @@ def start_services(settings: Settings, publisher: EventPublisher | None) -> Serv
         settings.max_wait_ms,
         settings.max_queue_cells,
         observe=metrics.observe_batch,
+        workers=settings.resolved_inference_workers,
     )
     metrics.track_queue(lambda: batcher.pending_cells)
     batcher.start()

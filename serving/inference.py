@@ -1,8 +1,8 @@
 """Model runtime and micro-batcher: the only code that calls onnxruntime in the service.
 
 Owns: loading the model card and its ONNX file into an InferenceSession (in the app lifespan), and
-the MicroBatcher, one worker thread that gathers cells from concurrent requests (module route, cell
-route, V2 infer) into one `session.run` of up to `max_batch` cells, waiting at most `max_wait_ms` for
+the MicroBatcher, worker threads that gather cells from concurrent requests (module route, cell
+route, V2 infer) into `session.run` calls of up to `max_batch` cells, waiting at most `max_wait_ms` for
 a batch to fill. Its queue is bounded in cells: a submit that would overflow it raises QueueFullError,
 which the routes answer with 503 + Retry-After, so overload sheds instead of growing memory.
 """
@@ -69,18 +69,23 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[dict[str, np.ndarray]]
     enqueued: float = field(default_factory=time.perf_counter)
-    done: int = 0  # cells of this job already inferred
-    parts: list[dict[str, np.ndarray]] = field(default_factory=list)
+    taken: int = 0  # cells of this job already handed to a batch (gatherers only)
+    finished: int = 0  # cells of this job already inferred (under the batcher's lock)
+    failed: bool = False
+    parts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # by first cell
 
 
 BatchObserver = Callable[[int, float], None]  # (cells in the batch, seconds in session.run)
 
 
 class MicroBatcher:
-    """Gathers cells from concurrent callers into shared onnxruntime calls, on one worker thread.
+    """Gathers cells from concurrent callers into shared onnxruntime calls, on `workers` threads.
 
-    One thread is enough: onnxruntime already spreads one call over every core, and a second
-    concurrent call would only fight it for them.
+    With one worker, onnxruntime spreads each call over its intra-op threads. With one worker per core
+    and one intra-op thread each, the calls run side by side instead: no thread ever waits for
+    another inside a call, and while one worker gathers or hands results back the other computes.
+    Gathering is serialised (one gatherer at a time), so batches stay as full as one worker's would;
+    a job split over several batches is put back together in order of its cells.
     """
 
     def __init__(
@@ -90,7 +95,10 @@ class MicroBatcher:
         max_wait_ms: float,
         max_queue_cells: int,
         observe: BatchObserver | None = None,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"expected at least one inference worker, got {workers}")
         self.runtime = runtime
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
@@ -98,9 +106,16 @@ class MicroBatcher:
         self.observe = observe
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._pending_cells = 0
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._work, name="pvqc-batcher", daemon=True)
+        self._lock = threading.Lock()  # pending count and every job's finished/failed/parts
+        self._gather_lock = threading.Lock()  # one gatherer at a time; guards _carry and job.taken
+        self._threads = [
+            threading.Thread(target=self._work, name=f"pvqc-batcher-{i}", daemon=True) for i in range(workers)
+        ]
         self._carry: _Job | None = None  # a job only partly taken into the last batch
+
+    @property
+    def workers(self) -> int:
+        return len(self._threads)
 
     @property
     def pending_cells(self) -> int:
@@ -108,14 +123,16 @@ class MicroBatcher:
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive()
+        return all(thread.is_alive() for thread in self._threads)
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=30)
+        self._jobs.put(None)  # each worker that meets it puts it back for the next one
+        for thread in self._threads:
+            thread.join(timeout=30)
 
     def has_room(self, cells: int) -> bool:
         """Whether `cells` more would fit now: lets a route refuse before decoding a frame."""
@@ -142,14 +159,16 @@ class MicroBatcher:
         self._jobs.put(job)
         return await job.future
 
-    # -- worker thread -------------------------------------------------------------------------
+    # -- worker threads ------------------------------------------------------------------------
 
     def _work(self) -> None:
         while True:
-            taken = self._gather()
+            with self._gather_lock:
+                taken = self._gather()
             if taken is None:
                 return
-            self._run(taken)
+            if taken:
+                self._run(taken)
 
     def _next_job(self, timeout: float | None) -> _Job | None:
         if self._carry is not None:
@@ -161,21 +180,28 @@ class MicroBatcher:
         """(job, start, stop) slices totalling at most max_batch cells; None means stop."""
         first = self._next_job(None)
         if first is None:
+            self._jobs.put(None)  # the other workers stop too
             return None
         taken: list[tuple[_Job, int, int]] = []
         room = self.max_batch
         deadline = time.perf_counter() + self.max_wait
         job: _Job | None = first
         while job is not None:
-            start = job.done
-            stop = min(len(job.batch), start + room)
-            taken.append((job, start, stop))
-            room -= stop - start
-            if stop < len(job.batch):
-                self._carry = job  # the rest goes into the next batch, first in line
-                break
-            if room == 0:
-                break
+            if job.failed:  # its caller has its error: the cells not yet taken are dropped, not run
+                with self._lock:
+                    self._pending_cells -= len(job.batch) - job.taken
+                job.taken = len(job.batch)
+            else:
+                start = job.taken
+                stop = min(len(job.batch), start + room)
+                taken.append((job, start, stop))
+                job.taken = stop
+                room -= stop - start
+                if stop < len(job.batch):
+                    self._carry = job  # the rest goes into the next batch, first in line
+                    break
+                if room == 0:
+                    break
             try:
                 job = self._next_job(deadline - time.perf_counter())
             except queue.Empty:
@@ -183,46 +209,55 @@ class MicroBatcher:
             if job is None:  # stop requested: finish this batch, then leave
                 self._jobs.put(None)
                 break
-            if job.runtime is not first.runtime:  # another model: it opens the next batch
+            if taken and job.runtime is not taken[0][0].runtime:  # another model: opens the next batch
                 self._carry = job
                 break
         return taken
 
     def _run(self, taken: list[tuple[_Job, int, int]]) -> None:
         runtime = taken[0][0].runtime
-        batch = np.concatenate([job.batch[start:stop] for job, start, stop in taken]).astype(
-            np.float32, copy=False
-        )
+        cells = sum(stop - start for _job, start, stop in taken)
         began = time.perf_counter()
         try:
+            batch = np.concatenate([job.batch[start:stop] for job, start, stop in taken]).astype(
+                np.float32, copy=False
+            )
             values = runtime.session.run(list(runtime.output_names), {runtime.input_name: batch})
         except Exception as exc:  # a bad batch fails its callers, never the worker
-            log.exception("inference failed on a batch of %d cells", len(batch))
-            for job, start, _stop in taken:
-                self._release(len(job.batch) - start)  # the job's unrun rest will not run either
-                job.loop.call_soon_threadsafe(_fail, job.future, exc)
-            self._carry = None
+            log.exception("inference failed on a batch of %d cells", cells)
+            self._fail_jobs(taken, exc)
             return
         seconds = time.perf_counter() - began
         if self.observe is not None:
-            self.observe(len(batch), seconds)
+            self.observe(cells, seconds)
         offset = 0
+        names = runtime.output_names
         for job, start, stop in taken:
             count = stop - start
-            names = runtime.output_names
-            job.parts.append(
-                {name: v[offset : offset + count] for name, v in zip(names, values, strict=True)}
-            )
+            part = {name: v[offset : offset + count] for name, v in zip(names, values, strict=True)}
             offset += count
-            job.done = stop
-            self._release(count)
-            if stop == len(job.batch):
-                result = {name: np.concatenate([p[name] for p in job.parts]) for name in runtime.output_names}
+            with self._lock:
+                self._pending_cells -= count
+                if job.failed:
+                    continue
+                job.parts[start] = part
+                job.finished += count
+                complete = job.finished == len(job.batch)
+            if complete:
+                ordered = [job.parts[first] for first in sorted(job.parts)]
+                result = {name: np.concatenate([p[name] for p in ordered]) for name in names}
                 job.loop.call_soon_threadsafe(_resolve, job.future, result)
 
-    def _release(self, cells: int) -> None:
-        with self._lock:
-            self._pending_cells -= cells
+    def _fail_jobs(self, taken: list[tuple[_Job, int, int]], exc: Exception) -> None:
+        """Fail every job of a batch that raised. Its slices in other batches are dropped when they
+        finish; the gatherer drops (and releases) any rest it had not yet taken."""
+        for job, start, stop in taken:
+            with self._lock:
+                self._pending_cells -= stop - start
+                if job.failed:
+                    continue
+                job.failed = True
+            job.loop.call_soon_threadsafe(_fail, job.future, exc)
 
 
 def _resolve(future: asyncio.Future[dict[str, np.ndarray]], result: dict[str, np.ndarray]) -> None:

@@ -92,7 +92,7 @@ class ModelFollower:
         settings = self.services.settings
         try:
             return await anyio.to_thread.run_sync(
-                load_runtime, folder, settings.model_variant, settings.ort_threads
+                load_runtime, folder, settings.model_variant, settings.session_threads
             )
         except Exception as exc:  # a broken version never stops the service: it keeps the old model
             self._failed[folder] = str(exc)

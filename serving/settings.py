@@ -9,13 +9,24 @@ code forks. Nested values come from JSON env values, e.g.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, time, timedelta
 from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_MODEL_DIR = Path("models/pvqc-cell/1.0.0")
+from model.card import SHIPPED_MODEL_DIR
+
+DEFAULT_MODEL_DIR = SHIPPED_MODEL_DIR
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which a container's cpuset narrows)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 class LineConfig(BaseModel):
@@ -43,7 +54,14 @@ class Settings(BaseSettings):
     # model
     model_dir: Path = DEFAULT_MODEL_DIR
     model_variant: str = Field(default="fp32", description="which file of the card's `files` to serve")
-    ort_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = all cores")
+    ort_threads: int = Field(
+        default=0, ge=0, description="onnxruntime intra-op threads per call; 0 = cores / inference_workers"
+    )
+    inference_workers: int = Field(
+        default=0,
+        ge=0,
+        description="batcher threads running onnxruntime calls side by side; 0 = one per core",
+    )
     model_registry: Path | None = Field(
         default=None,
         description="a registry folder (e.g. models/pvqc-cell): serve its active version and follow "
@@ -112,6 +130,15 @@ class Settings(BaseSettings):
         if not self.lines:
             raise ValueError("expected at least one line in PVQC_LINES")
         return self
+
+    @property
+    def resolved_inference_workers(self) -> int:
+        return self.inference_workers or usable_cores()
+
+    @property
+    def session_threads(self) -> int:
+        """Intra-op threads of each onnxruntime call: the cores shared out among the workers."""
+        return self.ort_threads or max(1, usable_cores() // self.resolved_inference_workers)
 
     @property
     def resolved_database_url(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -14,10 +15,16 @@ from tests.serving.conftest import MakeSettings
 from tests.serving.helpers import AUTH, BRIGHT, TINY_SIZE, module_frame, png
 
 
-def test_concurrent_requests_share_batches(tiny_model) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_concurrent_requests_share_batches(tiny_model, workers: int) -> None:
     sizes: list[int] = []
     batcher = MicroBatcher(
-        load_runtime(tiny_model, "fp32", 1), 16, 50.0, 1000, observe=lambda n, _s: sizes.append(n)
+        load_runtime(tiny_model, "fp32", 1),
+        16,
+        50.0,
+        1000,
+        observe=lambda n, _s: sizes.append(n),
+        workers=workers,
     )
     batcher.start()
 
@@ -34,6 +41,45 @@ def test_concurrent_requests_share_batches(tiny_model) -> None:
         np.testing.assert_allclose(result["probability"], [1 - 10.0 * i / 255] * 3, atol=1e-6)
         assert result["cam"].shape == (3, 4, 4)
     assert sum(sizes) == 30 and max(sizes) == 16 and len(sizes) < 10
+
+
+def test_a_job_split_over_parallel_workers_comes_back_in_order(tiny_model) -> None:
+    batcher = MicroBatcher(load_runtime(tiny_model, "fp32", 1), 4, 1.0, 1000, workers=3)
+    batcher.start()
+    levels = np.arange(37, dtype=np.float32) * 6.0
+    cells = np.broadcast_to(levels[:, None, None, None], (37, 1, TINY_SIZE, TINY_SIZE)).copy()
+
+    async def twice() -> list[dict[str, np.ndarray]]:
+        return await asyncio.gather(batcher.infer(cells), batcher.infer(cells[::-1].copy()))
+
+    try:
+        forward, backward = asyncio.run(twice())
+    finally:
+        batcher.stop()
+    np.testing.assert_allclose(forward["probability"], 1 - levels / 255, atol=1e-6)
+    np.testing.assert_allclose(backward["probability"], (1 - levels / 255)[::-1], atol=1e-6)
+    assert batcher.pending_cells == 0 and not batcher.running
+
+
+def test_a_failing_batch_fails_its_callers_and_the_workers_go_on(tiny_model) -> None:
+    batcher = MicroBatcher(load_runtime(tiny_model, "fp32", 1), 4, 1.0, 1000, workers=2)
+    batcher.start()
+    wrong_size = np.zeros((10, 1, TINY_SIZE + 3, TINY_SIZE), np.float32)  # the graph refuses it
+    good = np.full((6, 1, TINY_SIZE, TINY_SIZE), 51.0, np.float32)
+
+    try:
+        with pytest.raises(Exception, match=r"(?i)dimension|shape|invalid"):
+            asyncio.run(batcher.infer(wrong_size))
+        # slices of it that other workers hold are still counted until they return
+        give_up = time.monotonic() + 10
+        while batcher.pending_cells and time.monotonic() < give_up:
+            time.sleep(0.01)
+        assert batcher.pending_cells == 0 and batcher.running
+        served = asyncio.run(batcher.infer(good))
+        np.testing.assert_allclose(served["probability"], [0.8] * 6, atol=1e-6)
+        assert batcher.pending_cells == 0
+    finally:
+        batcher.stop()
 
 
 def test_queue_bound_raises_instead_of_growing(tiny_model) -> None:

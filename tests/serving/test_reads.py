@@ -90,6 +90,14 @@ def test_settings_default_to_embedded_mode_and_read_env(monkeypatch) -> None:
     assert configured.resolved_database_url == "postgresql+psycopg://db/pvqc"
 
 
+def test_inference_workers_share_out_the_cores(monkeypatch) -> None:
+    monkeypatch.setattr("serving.settings.usable_cores", lambda: 8)
+    assert (Settings().resolved_inference_workers, Settings().session_threads) == (8, 1)
+    assert Settings(inference_workers=2).session_threads == 4
+    assert Settings(inference_workers=2, ort_threads=3).session_threads == 3
+    assert Settings(inference_workers=16).session_threads == 1
+
+
 def test_lines_are_listed(sqlite_client: TestClient) -> None:
     lines = sqlite_client.get("/lines").json()
     assert set(lines) == {"L1", "L2"} and lines["L2"]["cols"] == 24
