@@ -5,7 +5,7 @@ frames" and "the classifier's verdicts on the cut cells agree with its verdicts 
 cells for >= 99% of cells". Frames are composed of the ELPV test split's cells (never seen in
 training) at 240-320 px per cell, so the classifier sees about its own input resolution.
 
-    python -m benchmarks.geometry_accuracy --frames 200 --model models/pvqc-cell/1.0.0
+    python -m benchmarks.geometry_accuracy --frames 200 --model models/pvqc-cell/<version>
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import numpy as np
 
 from datasets.elpv import ElpvCells, load_elpv, read_labels, split_indices
 from datasets.synthetic import SyntheticFrame, generate_frames
+from model.card import SHIPPED_MODEL_DIR
 from model.geometry import ModuleGeometry, cut_module
 from model.onnx_export import onnx_probabilities
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODELS = (Path("models/pvqc-cell/1.0.0"), Path("var/dev-model"))
+DEFAULT_MODELS = (SHIPPED_MODEL_DIR, Path("var/dev-model"))
 CENTRE_TOLERANCE = 0.03  # of a cell width
 
 

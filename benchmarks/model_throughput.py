@@ -1,7 +1,7 @@
 """Cells per second of the released ONNX models in onnxruntime on this machine's CPU.
 
 Prints one JSON line: FP32 and INT8 at batch 1 and 32, the INT8/FP32 speed-up, and peak RSS.
-Usage: python benchmarks/model_throughput.py [--model models/pvqc-cell/1.0.0] [--seconds 8]
+Usage: python benchmarks/model_throughput.py [--model models/pvqc-cell/<version>] [--seconds 8]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.card import read_card
+from model.card import SHIPPED_MODEL_DIR, read_card
 from model.onnx_export import INPUT_NAME, onnx_session
 
 
@@ -41,7 +41,7 @@ def cpu_model() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("models/pvqc-cell/1.0.0"))
+    parser.add_argument("--model", type=Path, default=SHIPPED_MODEL_DIR)
     parser.add_argument("--seconds", type=float, default=8.0, help="measuring time per configuration")
     parser.add_argument(
         "--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default, all cores)"

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from datasets.elpv import elpv_root, load_elpv, read_labels, split_indices
-from model.card import read_card
+from model.card import SHIPPED_MODEL_DIR, read_card
 from model.onnx_export import onnx_probabilities, onnx_session
 
-RELEASE = Path(__file__).resolve().parents[2] / "models" / "pvqc-cell" / "1.0.0"
+RELEASE = Path(__file__).resolve().parents[2] / SHIPPED_MODEL_DIR
 
 
 def test_card_is_complete_and_files_are_intact() -> None:
@@ -19,7 +19,7 @@ def test_card_is_complete_and_files_are_intact() -> None:
     for variant in ("fp32", "int8"):
         path = card.onnx_path(RELEASE, variant)
         assert hashlib.sha256(path.read_bytes()).hexdigest() == card.provenance["sha256"][path.name]
-    assert set(card.metrics["test"]) == {"fp32", "int8"}
+    assert {"fp32", "int8"} <= set(card.metrics["test"])
     for key in ("accuracy", "f1_defective", "roc_auc", "recall_at_5pct_false_reject", "grade4_accuracy"):
         assert 0 < card.metrics["test"]["fp32"][key] <= 1, key
     assert "CC BY-NC-SA 4.0" in card.licence

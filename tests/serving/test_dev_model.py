@@ -1,6 +1,6 @@
 """The service on the real classifier: same probabilities as onnxruntime alone, verdicts by its card.
 
-Uses the shipped model (models/pvqc-cell/1.0.0) or, before it is committed, the development
+Uses the shipped model (model.card.SHIPPED_MODEL_DIR) or, before it is committed, the development
 export under var/dev-model; skips when neither is on disk.
 """
 
