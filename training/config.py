@@ -30,10 +30,21 @@ class TrainConfig:
     drop_rate: float = 0.2
     # brightness/contrast jitter amplitude (fraction); applied to raw grey levels
     jitter: float = 0.2
+    # camera-like augmentation (training/augment.py), so that a verdict survives the module geometry's
+    # cut: window shift (fraction of the side), window scale, rotation, blur of imaging at down to
+    # resample_min of the input size, shading across the cell, sensor noise (grey levels)
+    shift: float = 0.0
+    scale: float = 0.0
+    rotate_degrees: float = 0.0
+    resample_min: float = 1.0
+    shading: float = 0.0
+    noise_sigma: float = 0.0
     # stem + blocks[:freeze_blocks] keep their ImageNet weights; with cache_frozen their outputs for the
     # 8 dihedral views are computed once, which makes a CPU run several times faster
     freeze_blocks: int = 0
     cache_frozen: bool = False
+    # dihedral views averaged when validating each epoch (8: all; fewer saves time on a CPU)
+    validation_views: int = 8
     seed: int = 0
     threads: int = 0
     device: str = "auto"
@@ -56,7 +67,14 @@ class TrainConfig:
             (self.image_size >= 32, "image_size must be >= 32"),
             (self.freeze_blocks >= 0, "freeze_blocks must be >= 0"),
             (not self.cache_frozen or self.freeze_blocks > 0, "cache_frozen needs freeze_blocks > 0"),
+            (1 <= self.validation_views <= 8, "validation_views must be in 1..8"),
             (0 <= self.jitter < 1, "jitter must be in [0, 1)"),
+            (0 <= self.shift < 0.5, "shift must be in [0, 0.5)"),
+            (0 <= self.scale < 0.5, "scale must be in [0, 0.5)"),
+            (0 <= self.rotate_degrees <= 45, "rotate_degrees must be in [0, 45]"),
+            (0.1 <= self.resample_min <= 1, "resample_min must be in [0.1, 1]"),
+            (0 <= self.shading < 1, "shading must be in [0, 1)"),
+            (self.noise_sigma >= 0, "noise_sigma must be >= 0"),
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
             (
                 not self.reviewed_weights or len(self.reviewed_weights) == len(self.reviewed_sets),

@@ -60,14 +60,13 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def operating_points(validation: dict[str, Any]) -> OperatingPoints:
-    probabilities = np.asarray(validation["probabilities"])
-    labels = np.asarray(validation["labels"])
+def operating_points(probabilities: np.ndarray, labels: np.ndarray, how: str) -> OperatingPoints:
+    """Threshold and review threshold from validation probabilities obtained `how`."""
     threshold = accuracy_threshold(probabilities, labels)
     return OperatingPoints(
         threshold=threshold,
         review_threshold=review_threshold(probabilities, labels, threshold),
-        threshold_rule=f"best accuracy on the validation split ({len(labels)} cells, 8-view averaged)",
+        threshold_rule=f"best accuracy on the validation split ({len(labels)} cells, {how})",
         review_rule=(
             f"highest threshold that still sends {REVIEW_RECALL:.0%} of defective validation cells to FAIL "
             "or REVIEW; cells between it and the threshold are uncertain"
@@ -129,6 +128,28 @@ def write_parity_reference(model: Any, path: Path, cells: np.ndarray) -> Path:
     return path
 
 
+def validation_as_served(
+    validation: dict[str, Any], fp32: Path, root: Path
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Validation probabilities the way the service computes them: the exported graph, one view.
+
+    The checkpoint's own validation probabilities may average several dihedral views; operating points
+    chosen on those would not be the ones the line gets. When the validation cells are not all ELPV
+    cells (reviewed modules joined them) the checkpoint's figures are used and the rule says so.
+    """
+    labels = np.asarray(validation["labels"])
+    names, _, _ = read_labels(root / "labels.csv")
+    position = {name: i for i, name in enumerate(names.tolist())}
+    wanted = [position.get(name) for name in validation["names"]]
+    if any(i is None for i in wanted):
+        views = validation.get("views", 8)
+        return np.asarray(validation["probabilities"]), labels, f"checkpoint's {views}-view average"
+    from training.evaluate import predict
+
+    cells = load_elpv(root, np.array(wanted, dtype=int))
+    return predict(fp32, cells.images, tta=False), labels, "single view through the exported graph, as served"
+
+
 def main(
     checkpoint: Path,
     out: Path,
@@ -154,7 +175,8 @@ def main(
     log.info("ONNX parity on %d real cells: max |dp| = %.2e", PARITY_CELLS, parity)
     write_parity_reference(model, out / PARITY_FILE, calibration.images[:REFERENCE_CELLS])
     quantize_int8(fp32, out / INT8_FILE, calibration.images)
-    card = build_card(state, version, operating_points(state["validation"]), parity, notes)
+    probabilities, labels, how = validation_as_served(state["validation"], fp32, root)
+    card = build_card(state, version, operating_points(probabilities, labels, how), parity, notes)
     card.provenance["sha256"] = {FP32_FILE: sha256(fp32), INT8_FILE: sha256(out / INT8_FILE)}
     write_card(card, out)
     if evaluate:

@@ -2,8 +2,9 @@
 
 Reads top to bottom: set-up (config, seeds, DDP), data (fixed split, never the test cells), model
 (ImageNet weights from a package, optional frozen early blocks), optional cache of the frozen features
-for the 8 dihedral views, the epoch loop (soft BCE, dihedral + brightness/contrast augmentation, AdamW with
-one-cycle, bf16 autocast on CUDA), validation with 8-view averaging, checkpoints, CSV and TensorBoard.
+for the 8 dihedral views, the epoch loop (soft BCE, dihedral, brightness/contrast and camera-like
+augmentation from training/augment.py, AdamW with one-cycle, bf16 autocast on CUDA, channels-last),
+validation averaged over dihedral views, checkpoints, CSV and TensorBoard.
 
 Runs under `torchrun --nproc-per-node N` (gloo on CPU, nccl on CUDA): each process takes its share of the
 batches, gradients are all-reduced, rank 0 alone writes.
@@ -31,6 +32,7 @@ from torch import nn
 
 from datasets.elpv import DatasetError, ElpvCells, elpv_root, load_elpv, read_labels, split_indices
 from model.network import CellClassifier, WeightsError, build_classifier, soft_bce
+from training.augment import CameraAugment, camera_batch, dihedral_batch, jitter_batch
 from training.config import ConfigError, TrainConfig, load_config
 from training.metrics import classification_metrics
 
@@ -100,28 +102,6 @@ def with_reviewed(
         vals.append(part_val)
         weights.append(np.full(len(part_train), weight))
     return concatenate(trains), concatenate(vals), np.concatenate(weights)
-
-
-def dihedral_batch(x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-    """Apply view v (0..7: rotation by 90*v, flipped when v >= 4) to each sample of (N, C, H, W)."""
-    out = torch.empty_like(x)
-    for v in range(8):
-        chosen = views == v
-        if chosen.any():
-            y = torch.rot90(x[chosen], k=v % 4, dims=(-2, -1))
-            out[chosen] = torch.flip(y, dims=(-1,)) if v >= 4 else y
-    return out
-
-
-def jitter_batch(x: torch.Tensor, amplitude: float, generator: torch.Generator) -> torch.Tensor:
-    """Random contrast (scale about the cell's mean) and brightness on raw grey levels 0..255."""
-    if amplitude <= 0:
-        return x
-    n = x.shape[0]
-    contrast = 1 + amplitude * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
-    brightness = amplitude * 64 * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return ((x - mean) * contrast.to(x.device) + mean + brightness.to(x.device)).clamp(0, 255)
 
 
 @torch.no_grad()
@@ -250,13 +230,19 @@ def restore(
 
 @torch.no_grad()
 def predict_views(
-    view_model: TrainingView, inputs: torch.Tensor, device: torch.device, batch_size: int, cached: bool
+    view_model: TrainingView,
+    inputs: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    cached: bool,
+    views: int = 8,
 ) -> np.ndarray:
-    """Probabilities averaged over the 8 dihedral views. `inputs`: (8, N, ...) cached or (N, 1, H, W) grey."""
+    """Probabilities averaged over the first `views` dihedral views. `inputs`: (8, N, ...) cached or
+    (N, 1, H, W) grey."""
     view_model.eval()
     n = inputs.shape[1] if cached else inputs.shape[0]
     total = torch.zeros(n)
-    for v in range(8):
+    for v in range(views):
         for start in range(0, n, batch_size):
             if cached:
                 x = inputs[v, start : start + batch_size].to(device)
@@ -264,11 +250,24 @@ def predict_views(
                 grey = inputs[start : start + batch_size].to(device)
                 x = dihedral_batch(grey, torch.full((grey.shape[0],), v, device=device))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                x = x.contiguous(memory_format=torch.channels_last)
                 total[start : start + batch_size] += torch.sigmoid(view_model(x).float()).cpu()
-    return (total / 8).numpy()
+    return (total / views).numpy()
 
 
 # ----------------------------------------------------------------------------------------------- main
+
+
+def camera_augment(config: TrainConfig) -> CameraAugment:
+    """The config's camera-like augmentations (cached features are fixed: they get none)."""
+    return CameraAugment(
+        shift=config.shift,
+        scale=config.scale,
+        rotate_degrees=config.rotate_degrees,
+        resample_min=config.resample_min,
+        shading=config.shading,
+        noise_sigma=config.noise_sigma,
+    )
 
 
 def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None = None) -> dict[str, Any]:
@@ -302,7 +301,8 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
     start_block = config.freeze_blocks
     if start_block:
         freeze_early(model, start_block)
-    model.to(device)
+    # channels-last: about 1.7x faster training on this CPU (oneDNN) and the fast layout on CUDA too
+    model.to(device).to(memory_format=torch.channels_last)
 
     targets = torch.from_numpy(train.probabilities).float()
     if config.cache_frozen:
@@ -342,6 +342,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
     from tqdm import tqdm
 
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    camera = camera_augment(config)
     last_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
     for epoch in range(first_epoch, last_epoch):
         started = time.perf_counter()
@@ -365,6 +366,9 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
             else:
                 grey = train_inputs[index].float().to(device)
                 x = jitter_batch(dihedral_batch(grey, views.to(device)), config.jitter, generator)
+                if camera.enabled:
+                    x = camera_batch(x, camera, generator)
+            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = wrapped(x).float()
             loss = soft_bce(logits, targets[index].to(device))
@@ -375,7 +379,9 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
             running += float(loss.detach()) * len(index)
             seen += len(index)
 
-        val_prob = predict_views(view_model, val_inputs, device, 64, config.cache_frozen)
+        val_prob = predict_views(
+            view_model, val_inputs, device, 64, config.cache_frozen, config.validation_views
+        )
         metrics = classification_metrics(val_prob, val.probabilities, val.types, 0.5)
         val_loss = float(
             soft_bce(
@@ -417,6 +423,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
                     "probabilities": val_prob.tolist(),
                     "labels": val.probabilities.tolist(),
                     "types": val.types.tolist(),
+                    "views": config.validation_views,
                 },
             }
             save_checkpoint(out / "last.pt", **state)
