@@ -34,7 +34,7 @@ from model.onnx_export import (
     export_onnx,
     quantize_int8,
 )
-from training.metrics import REVIEW_RECALL, accuracy_threshold, review_threshold
+from training.metrics import REVIEW_FLAG_BUDGET, accuracy_threshold, flagged_share, review_threshold
 from training.train import load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger("training.export")
@@ -63,13 +63,16 @@ def sha256(path: Path) -> str:
 def operating_points(probabilities: np.ndarray, labels: np.ndarray, how: str) -> OperatingPoints:
     """Threshold and review threshold from validation probabilities obtained `how`."""
     threshold = accuracy_threshold(probabilities, labels)
+    review = review_threshold(probabilities, labels, threshold)
+    caught, bothered = flagged_share(probabilities, labels, review)
     return OperatingPoints(
         threshold=threshold,
-        review_threshold=review_threshold(probabilities, labels, threshold),
+        review_threshold=review,
         threshold_rule=f"best accuracy on the validation split ({len(labels)} cells, {how})",
         review_rule=(
-            f"highest threshold that still sends {REVIEW_RECALL:.0%} of defective validation cells to FAIL "
-            "or REVIEW; cells between it and the threshold are uncertain"
+            f"lowest threshold that flags (FAIL or REVIEW) at most {REVIEW_FLAG_BUDGET:.0%} of functional "
+            f"validation cells; on validation it flags {caught:.1%} of defective and {bothered:.1%} of "
+            "functional cells; cells between it and the threshold are uncertain"
         ),
     )
 

@@ -14,7 +14,8 @@ from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 GRADES = np.array([0.0, 1 / 3, 2 / 3, 1.0])
 FALSE_REJECT_BUDGET = 0.05
-REVIEW_RECALL = 0.98
+# at most this share of functional validation cells is flagged (FAIL or REVIEW): the review queue's size
+REVIEW_FLAG_BUDGET = 0.05
 
 
 def recall_at_false_reject(
@@ -71,11 +72,29 @@ def accuracy_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 
 def review_threshold(
-    probabilities: np.ndarray, labels: np.ndarray, threshold: float, recall: float = REVIEW_RECALL
+    probabilities: np.ndarray, labels: np.ndarray, threshold: float, budget: float = REVIEW_FLAG_BUDGET
 ) -> float:
-    """The highest threshold that still flags `recall` of defective validation cells (as FAIL or REVIEW)."""
-    defective_scores = np.sort(probabilities[labels >= 0.5])
-    if len(defective_scores) == 0:
-        return threshold
-    index = int(np.floor((1 - recall) * len(defective_scores)))
-    return float(np.clip(min(defective_scores[index], threshold), 0.005, threshold))
+    """The lowest threshold that flags (as FAIL or REVIEW) at most `budget` of functional validation cells.
+
+    A REVIEW band sized by what it catches alone grows without bound on a weak model (98% recall
+    once meant 0.005 and 93% of good cells in review, so no 60-cell module could ever pass); sized by
+    the share of good cells it sends to people, it stays a queue that engineers can work through, and
+    the recall it buys is written beside it. When the threshold alone already flags more than
+    `budget`, there is no band: the review threshold equals the threshold.
+    """
+    functional = np.sort(probabilities[labels < 0.5])[::-1]  # highest first
+    allowed = int(np.floor(budget * len(functional)))
+    if allowed >= len(functional):
+        return float(np.clip(0.005, 0.0, threshold))
+    # just above the first functional cell that must stay below the band
+    lowest = float(np.nextafter(np.float32(functional[allowed]), np.float32(1.0)))
+    return float(np.clip(lowest, 0.005, threshold))
+
+
+def flagged_share(probabilities: np.ndarray, labels: np.ndarray, review: float) -> tuple[float, float]:
+    """(share of defective cells flagged, share of functional cells flagged) at the review threshold."""
+    defective = labels >= 0.5
+    flagged = probabilities >= review
+    caught = float(flagged[defective].mean()) if defective.any() else float("nan")
+    bothered = float(flagged[~defective].mean()) if (~defective).any() else float("nan")
+    return caught, bothered
