@@ -61,18 +61,64 @@ def default_model() -> Path | None:
     return next((path for path in DEFAULT_MODELS if (path / "model.onnx").is_file()), None)
 
 
+@dataclass
+class Judge:
+    """One classifier under test: its session and threshold, its verdicts on the cut cells so far."""
+
+    folder: Path
+    session: object
+    threshold: float
+    cut: list[np.ndarray]
+
+
+def load_judges(folders: list[Path], threads: int) -> list[Judge]:
+    from model.card import read_card
+    from model.onnx_export import onnx_session
+
+    judges = []
+    for folder in folders:
+        card = read_card(folder)
+        session = onnx_session(card.onnx_path(folder, "fp32"), threads=threads)
+        judges.append(Judge(folder, session, card.operating_points.threshold, []))
+    return judges
+
+
+def half_pixel_shifted(images: np.ndarray) -> np.ndarray:
+    half_pixel = np.array([[1, 0, 0.5], [0, 1, 0.5]], dtype=np.float32)
+    return np.stack(
+        [
+            cv2.warpAffine(im, half_pixel, (im.shape[1], im.shape[0]), borderMode=cv2.BORDER_REPLICATE)
+            for im in images
+        ]
+    )
+
+
+def judge_summary(judge: Judge, cells: ElpvCells, truth: np.ndarray) -> dict[str, object]:
+    """Agreement of cut-cell verdicts with original-cell verdicts, and both against the labels."""
+    original = onnx_probabilities(judge.session, cells.images) >= judge.threshold
+    # The model's own floor: its verdicts on the originals moved by half a pixel. No geometry can
+    # beat a model that this small a shift already changes.
+    shifted = onnx_probabilities(judge.session, half_pixel_shifted(cells.images)) >= judge.threshold
+    cut = np.concatenate(judge.cut) if judge.cut else np.zeros(0, bool)
+    defective = cells.probabilities[truth] >= 0.5
+    return {
+        "model": str(judge.folder),
+        "threshold": round(judge.threshold, 4),
+        "cells_compared": int(cut.size),
+        "verdict_agreement": round(float((cut == original[truth]).mean()), 4),
+        "agreement_originals_shifted_half_pixel": round(float((shifted == original).mean()), 4),
+        # what the line would see: accuracy on the cut cells, beside accuracy on the same cells uncut
+        "accuracy_on_cut_cells": round(float((cut == defective).mean()), 4),
+        "accuracy_on_original_cells": round(float((original[truth] == defective).mean()), 4),
+        "defective_on_original": int(original[truth].sum()),
+    }
+
+
 def main(args: argparse.Namespace) -> dict[str, object]:
     cells = test_cells()
-    session = threshold = None
-    if args.model and not args.no_classifier:
-        from model.card import read_card
-        from model.onnx_export import onnx_session
-
-        card = read_card(args.model)
-        threshold = card.operating_points.threshold
-        session = onnx_session(args.model / "model.onnx", threads=args.threads)
+    folders = [] if args.no_classifier else [m for m in (args.model or []) if m is not None]
+    judges = load_judges(folders, args.threads)
     scores: list[FrameScore] = []
-    cut_verdicts: list[np.ndarray] = []  # per frame: classified as it goes, so memory stays flat
     truth_indices: list[int] = []
     seconds: list[float] = []
     frames = generate_frames(
@@ -86,9 +132,11 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         scores.append(score)
         if score.worst > CENTRE_TOLERANCE:
             log.warning("frame %d: %s worst %.4f (%s)", number, frame.spec, score.worst, geometry.reason)
-        if session is not None and score.ok:
+        if judges and score.ok:
+            # classified as it goes, so memory stays flat
             images = np.stack([cell.image for cell in geometry.cells])
-            cut_verdicts.append(onnx_probabilities(session, images) >= threshold)
+            for judge in judges:
+                judge.cut.append(onnx_probabilities(judge.session, images) >= judge.threshold)
             truth_indices.extend(cell.index for cell in frame.cells)
     within = sum(score.worst <= CENTRE_TOLERANCE for score in scores)
     worst = np.array([score.worst for score in scores])
@@ -105,28 +153,11 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         "worst_centre_error_max": round(float(worst.max()), 4),
         "geometry_ms_median": round(1000 * float(np.median(seconds)), 1),
     }
-    if session is not None and threshold is not None:
-        original = onnx_probabilities(session, cells.images) >= threshold
-        # The model's own floor: its verdicts on the originals moved by half a pixel. No geometry
-        # can beat a model that this small a shift already changes.
-        half_pixel = np.array([[1, 0, 0.5], [0, 1, 0.5]], dtype=np.float32)
-        shifted = np.stack(
-            [
-                cv2.warpAffine(im, half_pixel, (im.shape[1], im.shape[0]), borderMode=cv2.BORDER_REPLICATE)
-                for im in cells.images
-            ]
-        )
-        floor = float(((onnx_probabilities(session, shifted) >= threshold) == original).mean())
-        cut = np.concatenate(cut_verdicts)
-        agree = cut == original[np.array(truth_indices)]
-        result.update(
-            model=str(args.model),
-            threshold=round(threshold, 4),
-            cells_compared=int(agree.size),
-            verdict_agreement=round(float(agree.mean()), 4),
-            agreement_originals_shifted_half_pixel=round(floor, 4),
-            defective_on_original=int(original[np.array(truth_indices)].sum()),
-        )
+    truth = np.array(truth_indices, dtype=int)
+    summaries = [judge_summary(judge, cells, truth) for judge in judges]
+    if summaries:
+        result.update(summaries[0])  # the first model's figures at the top level, as before
+        result["classifiers"] = summaries
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
 
@@ -136,7 +167,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cell-px", type=float, nargs=2, default=[240.0, 320.0])
-    parser.add_argument("--model", type=Path, default=default_model())
+    parser.add_argument(
+        "--model",
+        type=Path,
+        nargs="+",
+        default=[default_model()],
+        help="release folder(s); several are judged on the same cut cells",
+    )
     parser.add_argument("--no-classifier", action="store_true")
     parser.add_argument(
         "--clean", action="store_true", help="same poses without gain, vignetting and noise (geometry only)"
