@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 CARD_FILE = "card.json"
 # the release that `make run`, the benchmarks and the evaluation use unless told otherwise (relative to
 # the repository root); models/pvqc-cell/registry.json records the same version as active
-SHIPPED_MODEL_DIR = Path("models/pvqc-cell/1.0.0")
+SHIPPED_MODEL_DIR = Path("models/pvqc-cell/1.1.0")
 ELPV_LICENCE_NOTE = (
     "Trained on the ELPV dataset (Buerhop-Lutz et al., Deitsch et al.), whose images are licensed "
     "CC BY-NC-SA 4.0: this model is for non-commercial evaluation. A factory retrains it on its own "
