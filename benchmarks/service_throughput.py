@@ -194,20 +194,21 @@ def closed_loop(base: str, request: Request, clients: int, seconds: float) -> di
 def open_loop(base: str, request: Request, rate: float, seconds: float) -> dict[str, float]:
     """Requests started at a fixed rate regardless of answers (a line does not wait), latencies."""
     latencies: list[float] = []
-    errors = [0]
+    errors, cells = [0], [0]
     lock = threading.Lock()
 
     def one(n: int) -> None:
         with httpx.Client(base_url=base, timeout=60, headers=AUTH) as client:
             began = time.perf_counter()
             try:
-                request(client, 2_000_000_000 + n)
+                judged = request(client, 2_000_000_000 + n)
             except (httpx.HTTPError, RuntimeError):
                 with lock:
                     errors[0] += 1
                 return
             with lock:
                 latencies.append(time.perf_counter() - began)
+                cells[0] += judged
 
     threads = []
     started = time.perf_counter()
@@ -218,7 +219,7 @@ def open_loop(base: str, request: Request, rate: float, seconds: float) -> dict[
         threads.append(thread)
     for thread in threads:
         thread.join()
-    return summary(latencies, time.perf_counter() - started, 0, errors[0])
+    return summary(latencies, time.perf_counter() - started, cells[0], errors[0])
 
 
 def summary(latencies: list[float], elapsed: float, cells: int, errors: int) -> dict[str, float]:
