@@ -54,8 +54,13 @@ def test_evaluation_on_a_handful_of_cells_writes_every_report_file(
     for name in REPORT_FILES:
         assert (tmp_path / name).stat().st_size > 0, name
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["variants"]) == {"fp32", "int8"}
+    # 8-view averages, and view 0 alone (what the service computes) beside them
+    assert set(report["variants"]) == {"fp32", "int8", "fp32_single_view", "int8_single_view"}
     assert len(report["cells"]) == 6 and report["tta_views"] == 8
+    single = evaluate_release(smoke_release, tmp_path / "single", tta=False, limit=6, update_card=False)
+    assert single.name == "pvqc-cell"
+    plain = json.loads((tmp_path / "single" / "report.json").read_text())
+    assert set(plain["variants"]) == {"fp32", "int8"} and plain["tta_views"] == 1
     assert "| accuracy |" in (tmp_path / "report.md").read_text()
 
 
