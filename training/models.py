@@ -8,10 +8,12 @@ and which way each flips, and the promotion rule's verdict, which the registry r
 refuses a candidate the rule refused (unless --force), and always refuses one whose card lacks
 fields or whose ONNX fails parity.
 
-The rule (configurable): the candidate lets through no larger a share of defective cells than the
-active model (escapes: defective cells judged functional, neither FAIL nor REVIEW) on either held-out
-set, plus `--max-escape-increase`; and on the reviewed test modules its accuracy is at least the
-active model's plus `--min-reviewed-gain`.
+The rule (configurable): on either held-out set the candidate, with a review band that flags as many
+functional cells as the active model's does, lets through no larger a share of defective cells than
+the active model (escapes: defective cells judged functional, neither FAIL nor REVIEW), plus
+`--max-escape-increase`; and on the reviewed test modules its accuracy is at least the active
+model's plus `--min-reviewed-gain`. Comparing at equal review load keeps a band that flags everything
+(no escapes, no PASS) from winning; each model's own escape rate and load are reported beside it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class Rule:
 
     def describe(self) -> str:
         return (
-            f"escape rate <= active's + {self.max_escape_increase:g} on every held-out set; "
+            f"escape rate at the active model's review load <= active's + {self.max_escape_increase:g} "
+            "on every held-out set; "
             f"reviewed accuracy >= active's + {self.min_reviewed_gain:g}"
         )
 
@@ -68,6 +71,29 @@ def escape_rate(probabilities: np.ndarray, labels: np.ndarray, card: ModelCard) 
     return float((probabilities[defective] < card.operating_points.review_threshold).mean())
 
 
+def review_load(probabilities: np.ndarray, labels: np.ndarray, card: ModelCard) -> float | None:
+    """Share of functional cells flagged (FAIL or REVIEW): the work a model's band gives people."""
+    functional = labels < 0.5
+    if not functional.any():
+        return None
+    return float((probabilities[functional] >= card.operating_points.review_threshold).mean())
+
+
+def escape_rate_at_load(probabilities: np.ndarray, labels: np.ndarray, load: float) -> float | None:
+    """Escape rate of a model whose review threshold flags `load` of the functional cells.
+
+    Two models with different REVIEW bands cannot be compared by their own escape rates: a band that
+    flags every cell lets nothing escape. At the same review load, the comparison is of the models.
+    """
+    functional, defective = probabilities[labels < 0.5], probabilities[labels >= 0.5]
+    if not len(functional) or not len(defective):
+        return None
+    if load >= 1.0:
+        return 0.0
+    cut = float(np.quantile(functional, 1.0 - load, method="higher"))
+    return float((defective < cut).mean())
+
+
 def held_out_sets(reviewed: list[Path], limit: int | None) -> dict[str, ElpvCells]:
     from datasets.reviewed import Part, load_reviewed
     from training.evaluate import test_cells
@@ -80,6 +106,27 @@ def held_out_sets(reviewed: list[Path], limit: int | None) -> dict[str, ElpvCell
         else:
             log.warning("reviewed set %s has no test modules yet", folder)
     return sets
+
+
+def escape_check(
+    probabilities: dict[str, np.ndarray], labels: np.ndarray, cards: dict[str, ModelCard], rule: Rule
+) -> tuple[float | None, str | None]:
+    """The rule's escape test on one held-out set: the candidate, at the active model's review load,
+    lets through no more defective cells than the active model does (+ the allowed increase).
+
+    Returns the candidate's escape rate at that load and the reason for a refusal (None: passed).
+    """
+    active_load = review_load(probabilities["active"], labels, cards["active"])
+    active_escape = escape_rate(probabilities["active"], labels, cards["active"])
+    if active_load is None or active_escape is None:
+        return None, None
+    candidate_escape = escape_rate_at_load(probabilities["candidate"], labels, active_load)
+    if candidate_escape is not None and candidate_escape > active_escape + rule.max_escape_increase + 1e-12:
+        return candidate_escape, (
+            f"escape rate {candidate_escape:.4f} at the active model's review load ({active_load:.1%} of "
+            f"functional cells) vs active {active_escape:.4f}"
+        )
+    return candidate_escape, None
 
 
 def compare(
@@ -120,6 +167,7 @@ def compare(
                 p, cells.probabilities, cells.types, card.operating_points.threshold
             )
             metrics["escape_rate"] = escape_rate(p, cells.probabilities, card)
+            metrics["review_load"] = review_load(p, cells.probabilities, card)
             scored[role] = {"version": card.version, "metrics": metrics}
         flips = []
         if "active" in folders:
@@ -136,15 +184,10 @@ def compare(
                     }
                 )
             a, c = scored["active"]["metrics"], scored["candidate"]["metrics"]
-            worse = (
-                a["escape_rate"] is not None
-                and c["escape_rate"] is not None
-                and c["escape_rate"] > a["escape_rate"] + rule.max_escape_increase + 1e-12
-            )
-            if worse:
-                reasons.append(
-                    f"{set_name}: escape rate {c['escape_rate']:.4f} vs active {a['escape_rate']:.4f}"
-                )
+            at_load, refusal = escape_check(probabilities, cells.probabilities, cards, rule)
+            c["candidate_escape_rate_at_active_load"] = at_load
+            if refusal is not None:
+                reasons.append(f"{set_name}: {refusal}")
             if (
                 set_name.startswith("reviewed")
                 and c["accuracy"] < a["accuracy"] + rule.min_reviewed_gain - 1e-12
@@ -188,7 +231,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"({report['reason']}).",
         "",
     ]
-    keys = ("accuracy", "f1_defective", "roc_auc", "recall_at_5pct_false_reject", "escape_rate")
+    keys = (
+        "accuracy",
+        "f1_defective",
+        "roc_auc",
+        "recall_at_5pct_false_reject",
+        "escape_rate",
+        "review_load",
+        "candidate_escape_rate_at_active_load",
+    )
     for set_name, result in report["sets"].items():
         roles = list(result["models"])
         lines += [
