@@ -36,6 +36,7 @@ import numpy as np
 
 from model.card import SHIPPED_MODEL_DIR, read_card
 from serving.cli import wait_until_ready
+from serving.settings import usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / SHIPPED_MODEL_DIR
@@ -99,7 +100,7 @@ def raw_cells_per_second(
 def raw_ceiling(model_file: Path, size: int, batch: int, seconds: float) -> dict[str, float]:
     """Both ways to spend the cores on onnxruntime alone: one call over all of them (plain
     onnxruntime), or one single-threaded call per core side by side."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     return {
         "one_call_all_cores": raw_cells_per_second(model_file, size, batch, 0, seconds),
         "one_call_per_core": raw_cells_per_second(model_file, size, batch, 1, seconds, cores),

@@ -114,10 +114,6 @@ class MicroBatcher:
         self._carry: _Job | None = None  # a job only partly taken into the last batch
 
     @property
-    def workers(self) -> int:
-        return len(self._threads)
-
-    @property
     def pending_cells(self) -> int:
         return self._pending_cells
 

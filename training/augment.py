@@ -29,9 +29,7 @@ class CameraAugment:
 
     @property
     def enabled(self) -> bool:
-        return bool(
-            self.shift or self.scale or self.rotate_degrees or self.resample_min < 1 or self.shading
-        ) or bool(self.noise_sigma)
+        return self != CameraAugment()
 
 
 def dihedral_batch(x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,14 @@ class TrainConfig:
     # with any weight other than 1 the epoch draws its cells with replacement by weight
     reviewed_weights: list[float] = dataclasses.field(default_factory=list)
 
+    @property
+    def camera_augmentation(self) -> bool:
+        """Whether any camera-like augmentation is on (training/augment.py's CameraAugment)."""
+        return (
+            bool(self.shift or self.scale or self.rotate_degrees or self.shading or self.noise_sigma)
+            or self.resample_min < 1
+        )
+
     def validate(self) -> None:
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
@@ -75,6 +83,11 @@ class TrainConfig:
             (0.1 <= self.resample_min <= 1, "resample_min must be in [0.1, 1]"),
             (0 <= self.shading < 1, "shading must be in [0, 1)"),
             (self.noise_sigma >= 0, "noise_sigma must be >= 0"),
+            (
+                not self.cache_frozen or not self.camera_augmentation,
+                "shift, scale, rotate_degrees, resample_min, shading and noise_sigma need cache_frozen: "
+                "false (cached features are computed once and cannot be augmented)",
+            ),
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
             (
                 not self.reviewed_weights or len(self.reviewed_weights) == len(self.reviewed_sets),

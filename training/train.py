@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -259,15 +260,8 @@ def predict_views(
 
 
 def camera_augment(config: TrainConfig) -> CameraAugment:
-    """The config's camera-like augmentations (cached features are fixed: they get none)."""
-    return CameraAugment(
-        shift=config.shift,
-        scale=config.scale,
-        rotate_degrees=config.rotate_degrees,
-        resample_min=config.resample_min,
-        shading=config.shading,
-        noise_sigma=config.noise_sigma,
-    )
+    """The config's camera-like augmentations: its keys of the same names as CameraAugment's fields."""
+    return CameraAugment(**{f.name: getattr(config, f.name) for f in dataclasses.fields(CameraAugment)})
 
 
 def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None = None) -> dict[str, Any]:

@@ -82,6 +82,12 @@ def test_resume_with_another_architecture(smoke_run: Path, tmp_path: Path) -> No
     assert_one_line_error(done, "holds a efficientnet_lite0 network")
 
 
+def test_camera_augmentation_on_cached_features_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "c.json"
+    config.write_text('{"freeze_blocks": 3, "cache_frozen": true, "shift": 0.03}')
+    assert_one_line_error(run(["training.train", "--config", str(config)]), "need cache_frozen: false")
+
+
 def test_reviewed_weights_must_match_the_sets(tmp_path: Path) -> None:
     config = tmp_path / "c.json"
     config.write_text('{"reviewed_sets": ["a", "b"], "reviewed_weights": [2.0]}')
