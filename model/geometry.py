@@ -18,7 +18,10 @@ How it works, top to bottom:
 4. Check: the confidence is, for the weaker of the two axes, the share of (line, band) places where a
    clear gap lies on the line. Busbars, cracks and noise give fainter valleys, so a wrong rows x cols
    lands its lines on them and scores low; below MIN_CONFIDENCE the result is ok=False, no cells.
-5. Cut: each cell's quadrilateral is mapped back to the frame and resampled once, from the original
+5. Edges: the lines run along the middle of the gaps; each is moved out to the edges of its gap,
+   measured across it in the full-resolution frame, so a cell is cut without slivers of gap (a
+   classifier sees it as it was photographed for training).
+6. Cut: each cell's quadrilateral is mapped back to the frame and resampled once, from the original
    pixels, to cell_size x cell_size.
 A frame that is already a rectified module filling the image (no background) skips step 1 and is
 cut evenly (the gaps only vouch for the grid), so a mosaic of cells comes back tile for tile.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -53,6 +57,11 @@ MIN_CELL_ASPECT, MAX_CELL_ASPECT = 0.4, 2.6  # cell height / width: square, half
 MIN_MODULE_FRACTION = 0.02  # a module covers at least this fraction of the frame
 FILLING_FRACTION = 0.95  # a bright area spanning this much of both sides is a rectified module
 EDGE_MARGIN = 0.15  # searched beyond the located outline for the outer cell edges, fraction of a pitch
+EDGE_WINDOW = 0.08  # a gap's edges are searched within +- this fraction of a pitch of its line
+EDGE_LEVEL = 0.15  # a cell starts where the profile has climbed this share from the gap to the cell
+EDGE_STEP = 0.5  # frame pixels between samples across a gap
+EDGE_SAMPLES = 16  # samples along each cell's side, per band
+MIN_EDGE_CONTRAST = 0.15  # a gap shallower than this (relative to the cells) keeps its centre line
 
 
 @dataclass(frozen=True)
@@ -416,7 +425,20 @@ def grid_and_cut(
         xs = [(k * pitch_x, 0.0) for k in range(cols + 1)]
         ys = [(k * pitch_y, 0.0) for k in range(rows + 1)]
     from_rect = np.linalg.inv(to_rect)
-    cells = cut_cells(grey, from_rect, xs, ys, rows, cols, cell_size)
+    if find_edges:
+        # The lines run along the middle of each gap; a cell ends where its gap begins, so the
+        # classifier sees the cell as it was photographed for training, without slivers of gap.
+        native = (width / (cols * pitch_x), height / (rows * pitch_y))
+        x_bounds = gap_edges(
+            grey, from_rect, xs, rows, (pitch_x, pitch_y), (margin_x, margin_y), native[0], False
+        )
+        y_bounds = gap_edges(
+            grey, from_rect, ys, cols, (pitch_y, pitch_x), (margin_y, margin_x), native[1], True
+        )
+    else:
+        x_bounds = [(xs[k], xs[k + 1]) for k in range(cols)]
+        y_bounds = [(ys[k], ys[k + 1]) for k in range(rows)]
+    cells = cut_cells(grey, from_rect, x_bounds, y_bounds, cell_size)
     if confidence < MIN_CONFIDENCE:
         where = "no module outline found, and the whole frame" if not find_edges else "the module found"
         return ModuleGeometry(
@@ -599,7 +621,110 @@ def robust_line(
     return offset, slope
 
 
-def crossing(vertical: tuple[float, float], horizontal: tuple[float, float]) -> tuple[float, float]:
+Line = tuple[float, float]  # (offset, slope) in the rectified module: x = offset + slope * y
+GapSide = Literal["both", "before", "after"]  # where the cells lie around a line: its inner / last / first
+
+
+def gap_edges(
+    grey: np.ndarray,
+    from_rect: np.ndarray,
+    lines: list[Line],
+    across: int,
+    pitches: tuple[float, float],
+    margins: tuple[float, float],
+    native: float,
+    transposed: bool,
+) -> list[tuple[Line, Line]]:
+    """Each cell's (start, end) lines along one axis: the gap lines moved out to the gaps' edges.
+
+    The rectified image is too coarse for a gap a few frame pixels wide, so each line's profile across
+    it is sampled from the frame itself, every EDGE_STEP frame pixels, as the median over the middle of
+    every band (a crack or a dark cell in one band does not move it). A cell's edge is where the
+    profile has climbed EDGE_LEVEL of the way from the gap's floor to that cell's own level: low,
+    because EL cells darken over their last few pixels and that rim belongs to the cell.
+    `native` is frame pixels per rectified pixel across the lines; pass the horizontal lines with
+    `transposed` (their offsets are y).
+    """
+    pitch, pitch_across = pitches
+    margin_across = margins[1]
+    window = EDGE_WINDOW * pitch
+    offsets = np.arange(-window, window + 1e-9, EDGE_STEP / max(native, 1e-6), dtype=np.float64)
+    if len(offsets) > 4096:  # a module far larger than any camera's: sample coarser, stay bounded
+        offsets = np.linspace(-window, window, 4096)
+    along = _band_samples(across, pitch_across, margin_across)
+    edges = []
+    for k, (offset, slope) in enumerate(lines):
+        position = offset + slope * along  # the line's offset at each sample along it
+        rect_a = position[None, :] + offsets[:, None]  # (offsets, samples) across the line
+        rect_b = np.broadcast_to(along[None, :], rect_a.shape)
+        points = np.stack([rect_b, rect_a] if transposed else [rect_a, rect_b], axis=-1)
+        in_frame = cv2.perspectiveTransform(points.reshape(-1, 1, 2), from_rect).reshape(*rect_a.shape, 2)
+        levels = cv2.remap(
+            grey,
+            in_frame[..., 0].astype(np.float32),
+            in_frame[..., 1].astype(np.float32),
+            cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        profile = np.median(levels.astype(np.float32), axis=1)
+        side: GapSide = "both" if 0 < k < len(lines) - 1 else ("after" if k == 0 else "before")
+        before, after = profile_edges(profile, offsets, side)
+        edges.append(((offset + before, slope), (offset + after, slope)))
+    return [(edges[k][1], edges[k + 1][0]) for k in range(len(lines) - 1)]
+
+
+def _band_samples(across: int, pitch_across: float, margin_across: float) -> np.ndarray:
+    """Positions along a line, EDGE_SAMPLES per band, in the middle 70% of each band (off the crossings)."""
+    fractions = np.linspace(0.15, 0.85, EDGE_SAMPLES)
+    bands = np.arange(across)[:, None]
+    return (margin_across + (bands + fractions[None, :]) * pitch_across).reshape(-1)
+
+
+def profile_edges(profile: np.ndarray, offsets: np.ndarray, side: GapSide) -> tuple[float, float]:
+    """(before, after): where the cells on either side of a gap end, as offsets from the line.
+
+    `side` is "both" for a gap between cells, "after" for the module's first line (cells only after
+    it), "before" for its last. An edge that cannot be told from the profile stays on the line.
+    """
+    middle = np.abs(offsets) <= 0.5 * offsets[-1]
+    outer = np.abs(offsets) >= 0.6 * offsets[-1]
+    if side == "both":
+        floor_at = int(np.flatnonzero(middle)[np.argmin(profile[middle])])
+    else:
+        # outside the module the floor is whatever is darkest out there: the frame, the backsheet
+        outside = (offsets <= 0.25 * offsets[-1]) if side == "after" else (offsets >= -0.25 * offsets[-1])
+        floor_at = int(np.flatnonzero(outside)[np.argmin(profile[outside])])
+    floor = float(profile[floor_at])
+    before = after = 0.0
+    if side in ("both", "before"):
+        before = _climb(
+            profile, offsets, floor, float(np.median(profile[outer & (offsets < 0)])), floor_at, -1
+        )
+    if side in ("both", "after"):
+        after = _climb(profile, offsets, floor, float(np.median(profile[outer & (offsets > 0)])), floor_at, 1)
+    return before, after
+
+
+def _climb(
+    profile: np.ndarray, offsets: np.ndarray, floor: float, cell: float, start: int, step: int
+) -> float:
+    """The offset, walking from `start` in direction `step`, where the profile first reaches the edge
+    level between `floor` and `cell` (linear between samples); 0.0 if the gap is too faint to tell."""
+    if cell - floor < MIN_EDGE_CONTRAST * max(cell, 8.0):
+        return 0.0
+    level = floor + EDGE_LEVEL * (cell - floor)
+    i = start
+    while 0 <= i + step < len(profile) and profile[i + step] < level:
+        i += step
+    j = i + step
+    if not 0 <= j < len(profile):
+        return 0.0
+    rise = float(profile[j] - profile[i])
+    fraction = (level - float(profile[i])) / rise if rise > 1e-9 else 0.0
+    return float(offsets[i] + fraction * (offsets[j] - offsets[i]))
+
+
+def crossing(vertical: Line, horizontal: Line) -> tuple[float, float]:
     """Where x = a + b*y meets y = c + d*x."""
     a, b = vertical
     c, d = horizontal
@@ -610,22 +735,20 @@ def crossing(vertical: tuple[float, float], horizontal: tuple[float, float]) -> 
 def cut_cells(
     grey: np.ndarray,
     from_rect: np.ndarray,
-    xs: list[tuple[float, float]],
-    ys: list[tuple[float, float]],
-    rows: int,
-    cols: int,
+    x_bounds: list[tuple[Line, Line]],
+    y_bounds: list[tuple[Line, Line]],
     cell_size: int,
 ) -> list[CellCut]:
-    """Each cell's quadrilateral mapped to the frame and resampled once from the frame's own pixels."""
-    grid = np.array([[crossing(xs[c], ys[r]) for c in range(cols + 1)] for r in range(rows + 1)])
-    in_frame = cv2.perspectiveTransform(grid.reshape(-1, 1, 2), from_rect).reshape(rows + 1, cols + 1, 2)
+    """Each cell's quadrilateral (between its start and end lines on both axes) mapped to the frame and
+    resampled once from the frame's own pixels."""
     cells = []
-    for r in range(rows):
-        for c in range(cols):
-            polygon = np.array(
-                [in_frame[r, c], in_frame[r, c + 1], in_frame[r + 1, c + 1], in_frame[r + 1, c]],
-                dtype=np.float32,
+    for r, (top, bottom) in enumerate(y_bounds):
+        for c, (left, right) in enumerate(x_bounds):
+            corners = np.array(
+                [crossing(left, top), crossing(right, top), crossing(right, bottom), crossing(left, bottom)]
             )
+            in_frame = cv2.perspectiveTransform(corners.reshape(-1, 1, 2), from_rect)
+            polygon = in_frame.reshape(4, 2).astype(np.float32)
             cells.append(CellCut(r, c, resample_cell(grey, polygon, cell_size), polygon))
     return cells
 
