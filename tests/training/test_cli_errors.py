@@ -95,3 +95,19 @@ def test_reviewed_weights_must_match_the_sets(tmp_path: Path) -> None:
         run(["training.train", "--config", str(config)]),
         "reviewed_weights must give one weight per reviewed set",
     )
+
+
+def test_consistency_on_cached_features_is_refused_and_set_accumulates(tmp_path: Path) -> None:
+    # Each --set adds its keys: were only the last kept, this would start a full training run.
+    done = run(
+        [
+            "training.train",
+            "--set",
+            "freeze_blocks=3",
+            "--set",
+            "cache_frozen=true",
+            "--set",
+            "consistency=0.3",
+        ]
+    )
+    assert_one_line_error(done, "consistency needs cache_frozen: false")
