@@ -124,7 +124,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cols", type=int, default=10, help="cell columns as the module appears in the frame"
     )
-    parser.add_argument("--cell-px", type=float, default=120.0, help="a cell's size in the frame, pixels")
+    parser.add_argument(
+        "--cell-px",
+        type=float,
+        default=280.0,
+        help="a cell's size in the frame, pixels (280: a 6x10 module on a 6 MP line camera, about the "
+        "classifier's native 300 px; far smaller cells are upsampled and judged less reliably)",
+    )
     parser.add_argument(
         "--defect-rate",
         type=float,
