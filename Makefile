@@ -43,7 +43,7 @@ unit: install
 test: install browser lint typecheck unit
 
 evaluate: install
-	$(PY) -m training.evaluate --model models/pvqc-cell/1.1.0 --out var/report
+	$(PY) -m training.evaluate --out var/report  # the shipped model: model.card.SHIPPED_MODEL_DIR
 
 bench: install
 	$(PY) benchmarks/model_throughput.py

@@ -155,16 +155,3 @@ def probabilities(model: CellClassifier, grey: torch.Tensor) -> torch.Tensor:
 def soft_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy against the soft ELPV probabilities (0, 1/3, 2/3, 1)."""
     return F.binary_cross_entropy_with_logits(logits, targets)
-
-
-STABLE_LOGIT_RANGE = 6.0  # beyond |logit| 6 (p < 0.0025 or > 0.9975) a difference changes no verdict
-
-
-def consistency_loss(logits: torch.Tensor, twin_logits: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference between the logits of two camera-like renderings of the same cells.
-
-    `twin_logits` is the target (computed without gradient); both are clamped to +-STABLE_LOGIT_RANGE so
-    that only differences that could move a verdict are paid for.
-    """
-    clamp = STABLE_LOGIT_RANGE
-    return F.mse_loss(logits.clamp(-clamp, clamp), twin_logits.detach().clamp(-clamp, clamp))

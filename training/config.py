@@ -39,11 +39,6 @@ class TrainConfig:
     resample_min: float = 1.0
     shading: float = 0.0
     noise_sigma: float = 0.0
-    # weight of the stability term: the squared logit difference between two independent camera-like
-    # renderings of each cell (the second without gradient). The module geometry's cut differs from a
-    # cell's training image by a fraction of a pixel and a few grey levels; this teaches the verdict
-    # not to move with them. 0 turns it off; it costs a second forward pass per batch.
-    consistency: float = 0.0
     # stem + blocks[:freeze_blocks] keep their ImageNet weights; with cache_frozen their outputs for the
     # 8 dihedral views are computed once, which makes a CPU run several times faster
     freeze_blocks: int = 0
@@ -92,11 +87,6 @@ class TrainConfig:
                 not self.cache_frozen or not self.camera_augmentation,
                 "shift, scale, rotate_degrees, resample_min, shading and noise_sigma need cache_frozen: "
                 "false (cached features are computed once and cannot be augmented)",
-            ),
-            (self.consistency >= 0, "consistency must be >= 0"),
-            (
-                not self.cache_frozen or not self.consistency,
-                "consistency needs cache_frozen: false (it renders each cell twice from its pixels)",
             ),
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
             (

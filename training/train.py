@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from datasets.elpv import DatasetError, ElpvCells, elpv_root, load_elpv, read_labels, split_indices
-from model.network import CellClassifier, WeightsError, build_classifier, consistency_loss, soft_bce
+from model.network import CellClassifier, WeightsError, build_classifier, soft_bce
 from training.augment import CameraAugment, camera_batch, dihedral_batch, jitter_batch
 from training.config import ConfigError, TrainConfig, load_config
 from training.metrics import classification_metrics
@@ -259,24 +259,6 @@ def predict_views(
 # ----------------------------------------------------------------------------------------------- main
 
 
-def render(
-    upright: torch.Tensor, jitter: float, camera: CameraAugment, generator: torch.Generator
-) -> torch.Tensor:
-    """One training rendering of a batch of (dihedrally turned) cells: brightness/contrast, then camera."""
-    x = jitter_batch(upright, jitter, generator)
-    return camera_batch(x, camera, generator) if camera.enabled else x
-
-
-CONSISTENCY_RAMP = 0.3  # share of the run over which the stability term's weight climbs from 0
-
-
-def ramped(weight: float, step: int, total_steps: int) -> float:
-    """The stability term's weight at `step`: it climbs linearly over the first CONSISTENCY_RAMP of the
-    run, because an untrained network's two renderings disagree wildly and paying for that at full
-    weight from the first step keeps the classifier from learning at all."""
-    return weight * min(1.0, step / max(1.0, CONSISTENCY_RAMP * total_steps))
-
-
 def camera_augment(config: TrainConfig) -> CameraAugment:
     """The config's camera-like augmentations: its keys of the same names as CameraAugment's fields."""
     return CameraAugment(**{f.name: getattr(config, f.name) for f in dataclasses.fields(CameraAugment)})
@@ -376,23 +358,14 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
             if config.cache_frozen:
                 x = train_inputs[views, index].to(device)
             else:
-                upright = dihedral_batch(train_inputs[index].float().to(device), views.to(device))
-                x = render(upright, config.jitter, camera, generator)
+                grey = train_inputs[index].float().to(device)
+                x = jitter_batch(dihedral_batch(grey, views.to(device)), config.jitter, generator)
+                if camera.enabled:
+                    x = camera_batch(x, camera, generator)
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = wrapped(x).float()
             loss = soft_bce(logits, targets[index].to(device))
-            if config.consistency:
-                twin = render(upright, config.jitter, camera, generator).contiguous(
-                    memory_format=torch.channels_last
-                )
-                with (
-                    torch.no_grad(),
-                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
-                ):
-                    twin_logits = wrapped(twin).float()
-                weight = ramped(config.consistency, scheduler.last_epoch, config.epochs * steps_per_epoch)
-                loss = loss + weight * consistency_loss(logits, twin_logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

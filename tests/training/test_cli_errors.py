@@ -97,17 +97,9 @@ def test_reviewed_weights_must_match_the_sets(tmp_path: Path) -> None:
     )
 
 
-def test_consistency_on_cached_features_is_refused_and_set_accumulates(tmp_path: Path) -> None:
-    # Each --set adds its keys: were only the last kept, this would start a full training run.
+def test_repeated_set_flags_accumulate(tmp_path: Path) -> None:
+    # Were only the last --set kept, this would start a full training run instead of refusing.
     done = run(
-        [
-            "training.train",
-            "--set",
-            "freeze_blocks=3",
-            "--set",
-            "cache_frozen=true",
-            "--set",
-            "consistency=0.3",
-        ]
+        ["training.train", "--set", "freeze_blocks=3", "--set", "cache_frozen=true", "--set", "shift=0.03"]
     )
-    assert_one_line_error(done, "consistency needs cache_frozen: false")
+    assert_one_line_error(done, "need cache_frozen: false")
