@@ -106,15 +106,19 @@ def plot_report(results: dict[str, dict[str, Any]], labels: np.ndarray, out: Pat
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 5))
+    both_classes = bool(0 < defective.sum() < len(defective))
     for variant, result in results.items():
-        if 0 < defective.sum() < len(defective):
+        if both_classes:
             observed, predicted = calibration_curve(
                 defective, result["probabilities"], n_bins=10, strategy="quantile"
             )
             ax.plot(predicted, observed, marker="o", label=variant)
     ax.plot([0, 1], [0, 1], color="lightgrey", linewidth=0.8)
     ax.set(xlabel="predicted probability", ylabel="observed share defective", title="Reliability")
-    ax.legend(loc="upper left")
+    if both_classes:
+        ax.legend(loc="upper left")
+    else:  # an empty plot says why, rather than leaving the reader to guess
+        ax.text(0.5, 0.5, "needs functional and defective cells", ha="center", va="center")
     fig.tight_layout()
     fig.savefig(out / "reliability.png", dpi=120)
     plt.close(fig)
