@@ -39,7 +39,7 @@ from serving.cli import wait_until_ready
 from serving.settings import usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / SHIPPED_MODEL_DIR
+SHIPPED = SHIPPED_MODEL_DIR
 DEV = ROOT / "var/dev-model"
 # the service under test starts with this admin key, so the load generator can authenticate
 BENCH_KEY = "pvqc_bench-key"

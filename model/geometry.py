@@ -648,9 +648,10 @@ def gap_edges(
     pitch, pitch_across = pitches
     margin_across = margins[1]
     window = EDGE_WINDOW * pitch
-    offsets = np.arange(-window, window + 1e-9, EDGE_STEP / max(native, 1e-6), dtype=np.float64)
-    if len(offsets) > 4096:  # a module far larger than any camera's: sample coarser, stay bounded
-        offsets = np.linspace(-window, window, 4096)
+    # EDGE_STEP frame pixels apart, but at least 8 samples each side (a small module still has a
+    # floor and both cells' levels to read) and at most 2048 (a huge one stays bounded)
+    count = int(np.clip(round(window * native / EDGE_STEP), 8, 2048))
+    offsets = np.linspace(-window, window, 2 * count + 1)
     along = _band_samples(across, pitch_across, margin_across)
     edges = []
     for k, (offset, slope) in enumerate(lines):

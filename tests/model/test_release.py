@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 
@@ -11,7 +10,7 @@ from datasets.elpv import elpv_root, load_elpv, read_labels, split_indices
 from model.card import SHIPPED_MODEL_DIR, read_card
 from model.onnx_export import onnx_probabilities, onnx_session
 
-RELEASE = Path(__file__).resolve().parents[2] / SHIPPED_MODEL_DIR
+RELEASE = SHIPPED_MODEL_DIR
 
 
 def test_card_is_complete_and_files_are_intact() -> None:

@@ -21,7 +21,7 @@ from serving.settings import DEFAULT_MODEL_DIR, LineConfig, Settings
 from tests.serving.helpers import ADMIN_KEY, AUTH, module_frame, png
 
 ROOT = Path(__file__).resolve().parents[2]
-CANDIDATES = [ROOT / DEFAULT_MODEL_DIR, ROOT / "var" / "dev-model"]
+CANDIDATES = [DEFAULT_MODEL_DIR, ROOT / "var" / "dev-model"]
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from model.card import SHIPPED_MODEL_DIR, ModelCard, OperatingPoints, read_card
 from training.models import Rule, escape_check, escape_rate_at_load, review_load
 
-SHIPPED = Path(__file__).resolve().parents[2] / SHIPPED_MODEL_DIR
+SHIPPED = SHIPPED_MODEL_DIR
 
 
 def card_with(operating_points: OperatingPoints) -> ModelCard:
