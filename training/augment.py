@@ -105,9 +105,12 @@ def shading_batch(x: torch.Tensor, amplitude: float, generator: torch.Generator)
 
 def noise_batch(x: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
     n = x.shape[0]
-    sigmas = (sigma * torch.rand(n, generator=generator)).view(n, 1, 1, 1)
-    noise = torch.randn(x.shape, generator=generator) * sigmas
-    return (x + noise.to(x.device, x.dtype)).clamp(0, 255)
+    sigmas = (sigma * torch.rand(n, generator=generator)).view(n, 1, 1, 1).to(x.device, x.dtype)
+    # the noise is drawn where the batch lives (a whole batch of it on the CPU slows a GPU run), from a
+    # generator seeded by the run's CPU generator, so a run stays reproducible
+    local = torch.Generator(device=x.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    noise = torch.randn(x.shape, generator=local, device=x.device, dtype=x.dtype)
+    return (x + noise * sigmas).clamp(0, 255)
 
 
 def camera_batch(x: torch.Tensor, augment: CameraAugment, generator: torch.Generator) -> torch.Tensor:
