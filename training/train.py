@@ -422,7 +422,8 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
                 },
             }
             save_checkpoint(out / "last.pt", **state)
-            if improved or epoch == first_epoch:
+            # a resumed run keeps the best.pt it has unless an epoch beats it
+            if improved or not (out / "best.pt").is_file():
                 save_checkpoint(out / "best.pt", **state)
     if writer is not None:
         writer.close()

@@ -50,6 +50,10 @@ def test_resume_continues_from_the_next_epoch(tmp_path: Path) -> None:
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert load_checkpoint(tmp_path / "last.pt")["scheduler"]["last_epoch"] == 2  # one step per batch
+    # best.pt holds the epoch with the best validation AUC, whichever process ran it
+    best = load_checkpoint(tmp_path / "best.pt")
+    aucs = [float(row["val_auc"]) for row in rows]
+    assert best["epoch"] == aucs.index(max(aucs)) and best["best_auc"] == max(aucs)
 
 
 def test_resume_with_another_schedule_is_refused(smoke_run: Path, tmp_path: Path) -> None:
