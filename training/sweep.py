@@ -76,6 +76,17 @@ def start(run: Run, work: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
 
 
+def stop(process: subprocess.Popen[bytes], grace_s: float = 30) -> None:
+    """SIGTERM, then SIGKILL after the grace period: checkpoints are written atomically, so either
+    leaves the last best.pt whole."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def wait_all(processes: dict[str, subprocess.Popen[bytes]], deadline: float) -> dict[str, str]:
     """Each run's outcome: 'finished', 'failed (exit N)' or 'stopped at the deadline'."""
     outcome: dict[str, str] = {}
@@ -88,8 +99,7 @@ def wait_all(processes: dict[str, subprocess.Popen[bytes]], deadline: float) -> 
         if time.monotonic() > deadline:
             for name, process in processes.items():
                 if name not in outcome:
-                    process.terminate()
-                    process.wait(timeout=30)
+                    stop(process)
                     outcome[name] = "stopped at the deadline"
                     log.warning("%s stopped at the deadline", name)
         time.sleep(POLL_SECONDS)
