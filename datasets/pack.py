@@ -92,6 +92,8 @@ def read_pack(pack: Path, dest: Path) -> int:
             if handle is None:
                 continue
             payload = handle.read()
+            if not (dest / member.name).resolve().is_relative_to(dest.resolve()):
+                raise DatasetError(f"{pack}: {member.name!r} would land outside {dest}; not an ELPV pack")
             if member.name in (LABELS, "pack.json"):
                 (dest / member.name).parent.mkdir(parents=True, exist_ok=True)
                 (dest / member.name).write_bytes(payload)

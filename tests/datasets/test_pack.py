@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
 from pathlib import Path
 
@@ -65,3 +66,14 @@ def test_reading_what_is_not_a_pack_says_what_was_expected(tmp_path: Path) -> No
         pass
     with pytest.raises(DatasetError, match=r"holds no labels\.csv"):
         read_pack(tmp_path / "empty.tar", tmp_path / "out")
+
+
+def test_a_member_outside_the_destination_is_refused(tmp_path: Path) -> None:
+    pack = tmp_path / "evil.tar"
+    with tarfile.open(pack, "w") as archive:
+        info = tarfile.TarInfo("../escaped.webp")
+        info.size = 4
+        archive.addfile(info, io.BytesIO(b"RIFF"))
+    with pytest.raises(DatasetError, match="would land outside"):
+        read_pack(pack, tmp_path / "out")
+    assert not (tmp_path / "escaped.png").exists()
