@@ -304,7 +304,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
         val_inputs = cache_early_features(model, val.images, start_block, device, 16)
     else:
         # on a GPU the uint8 cells (about 170 MB) live there, so a batch costs no host-to-device copy
-        train_inputs = torch.from_numpy(train.images)[:, None].to(device if device.type == "cuda" else "cpu")
+        train_inputs = torch.from_numpy(train.images)[:, None].to(device)
         val_inputs = torch.from_numpy(val.images)[:, None].float()
 
     view_model = TrainingView(model, start_block, config.cache_frozen)
@@ -359,7 +359,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
             if config.cache_frozen:
                 x = train_inputs[views, index].to(device)
             else:
-                grey = train_inputs[index.to(train_inputs.device)].float().to(device)
+                grey = train_inputs[index.to(device)].float()
                 x = jitter_batch(dihedral_batch(grey, views.to(device)), config.jitter, generator)
                 if camera.enabled:
                     x = camera_batch(x, camera, generator)
@@ -422,8 +422,9 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
                 },
             }
             save_checkpoint(out / "last.pt", **state)
-            # a resumed run keeps the best.pt it has unless an epoch beats it
-            if improved or not (out / "best.pt").is_file():
+            # the first epoch of a run always writes best.pt (its AUC may be NaN on a tiny validation
+            # set); a resumed run keeps the best.pt it has unless an epoch beats it
+            if improved or epoch == 0:
                 save_checkpoint(out / "best.pt", **state)
     if writer is not None:
         writer.close()
