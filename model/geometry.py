@@ -18,13 +18,19 @@ How it works, top to bottom:
 4. Check: the confidence is, for the weaker of the two axes, the share of (line, band) places where a
    clear gap lies on the line. Busbars, cracks and noise give fainter valleys, so a wrong rows x cols
    lands its lines on them and scores low; below MIN_CONFIDENCE the result is ok=False, no cells.
+   A grid too coarse (3x5 configured for a 6x10 module, 6x10 for a half-cut 12x10) puts its lines on
+   gaps too, so the same test is run on the lines a 2x and 3x finer grid would add: when clear gaps lie
+   there, the cells hold gaps and the result is ok=False with that reason. A grid too fine (12x10 for
+   6x10) has only every 2nd (3rd) line on a gap, the others on busbars, far fainter: refused too.
 5. Edges: the lines run along the middle of the gaps; each is moved out to the edges of its gap,
    measured across it in the full-resolution frame, so a cell is cut without slivers of gap (a
    classifier sees it as it was photographed for training).
 6. Cut: each cell's quadrilateral is mapped back to the frame and resampled once, from the original
    pixels, to cell_size x cell_size.
 A frame that is already a rectified module filling the image (no background) skips step 1 and is
-cut evenly (the gaps only vouch for the grid), so a mosaic of cells comes back tile for tile.
+cut evenly (the gaps only vouch for the grid), so a mosaic of cells comes back tile for tile; when its
+gaps are not where an even cut puts them (a tilted module or its frame filling the picture), it is
+refused: there is no outline to rectify it by.
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ LINE_TOLERANCE = 0.05  # band positions further than this fraction of a pitch fr
 FIT_TOLERANCE = 0.02  # ... and those further than this do not steer the fitted line
 MAX_LINE_SLOPE = 0.05  # a grid line in the rectified module tilts at most this much
 MIN_CONFIDENCE = 0.55  # below this the found gaps do not support the configured grid
+SUBDIVISIONS = (2, 3)  # a grid this many times finer is checked for gaps inside the configured cells
+MAX_HIDDEN_SUPPORT = 0.5  # ... and refused when its extra lines are supported as often as this
+FINER_DARKNESS = 0.6  # a grid 2x/3x too fine: its off-gap lines are less than this as dark as the rest
+RECTIFIED_TOLERANCE = 0.04  # a rectified input's gaps lie within this fraction of a pitch of even
 UNCHECKED_CONFIDENCE = 0.6  # a 1x1 grid: nothing contradicts it, nothing confirms it
 MIN_CELL_ASPECT, MAX_CELL_ASPECT = 0.4, 2.6  # cell height / width: square, half-cut 1:2 or 2:1
 MIN_MODULE_FRACTION = 0.02  # a module covers at least this fraction of the frame
@@ -412,13 +422,28 @@ def grid_and_cut(
     rectified = cv2.warpPerspective(
         grey, to_rect, (rect_w, rect_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
     )
-    xs, x_support = grid_lines(rectified, cols, rows, (pitch_x, pitch_y), (margin_x, margin_y), find_edges)
-    ys, y_support = grid_lines(rectified.T, rows, cols, (pitch_y, pitch_x), (margin_y, margin_x), find_edges)
+    x_axis = grid_lines(rectified, cols, rows, (pitch_x, pitch_y), (margin_x, margin_y), find_edges)
+    y_axis = grid_lines(rectified.T, rows, cols, (pitch_y, pitch_x), (margin_y, margin_x), find_edges)
+    xs, ys = x_axis.lines, y_axis.lines
     # Each axis must be supported on its own: a right column count cannot vouch for a wrong row count.
-    axes = [float(np.mean(support)) for support in (x_support, y_support) if support]
+    axes = [float(np.mean(axis.support)) for axis in (x_axis, y_axis) if axis.support]
     confidence = min(axes) if axes else UNCHECKED_CONFIDENCE
     if not axes:
         notes = [*notes, "a 1x1 grid has no gaps to check"]
+    problem = grid_problem(x_axis, y_axis, rows, cols, (pitch_x, pitch_y), (rect_w, rect_h), find_edges)
+    if problem:
+        log.info("module geometry refused: %s", problem)
+        return ModuleGeometry(
+            False,
+            problem,
+            min(confidence, 1.0 - max(x_axis.hidden, y_axis.hidden)),
+            rows,
+            cols,
+            corners,
+            [],
+            modules_in_view,
+            notes,
+        )
     if not find_edges:
         # A rectified module is cut evenly: the gaps only vouch for the grid. Tiles composed edge to
         # edge then come back unchanged, and an upstream rectifier's layout is kept.
@@ -456,12 +481,87 @@ def grid_and_cut(
     return ModuleGeometry(True, None, confidence, rows, cols, corners, cells, modules_in_view, notes)
 
 
+def grid_problem(
+    x_axis: AxisGrid,
+    y_axis: AxisGrid,
+    rows: int,
+    cols: int,
+    pitches: tuple[float, float],
+    extents: tuple[int, int],
+    find_edges: bool,
+) -> str | None:
+    """Why the found gaps contradict the configured grid, beyond too little support; None if they don't."""
+    for axis, name, count in ((x_axis, "columns", cols), (y_axis, "rows", rows)):
+        every = only_every(axis)
+        if every:
+            return (
+                f"the configured {rows}x{cols} grid is too fine: only one line in {every} lies on a gap "
+                f"(the module shows {count // every} {name}, not {count}); check the line's rows and cols"
+            )
+    finer = []
+    if x_axis.hidden >= MAX_HIDDEN_SUPPORT:
+        finer.append(f"more than {cols} columns")
+    if y_axis.hidden >= MAX_HIDDEN_SUPPORT:
+        finer.append(f"more than {rows} rows")
+    if finer:
+        return (
+            f"the configured {rows}x{cols} grid has gaps inside its cells: the module shows "
+            f"{' and '.join(finer)} (half-cut cells?); check the line's rows and cols"
+        )
+    if not find_edges:
+        # An even cut is only right for an upright module whose cells fill the picture; a tilted one,
+        # or one whose frame fills it, has its gaps elsewhere and no outline to rectify it by.
+        for axis, pitch, extent in ((x_axis, pitches[0], extents[1]), (y_axis, pitches[1], extents[0])):
+            for k, (offset, slope) in enumerate(axis.lines[1:-1], start=1):
+                if axis.support[k - 1] < MIN_CONFIDENCE:
+                    continue  # a line few bands vouch for may be tilted by a crack: no evidence
+                off = max(abs(offset - k * pitch), abs(offset + slope * extent - k * pitch))
+                if off > RECTIFIED_TOLERANCE * pitch:
+                    return (
+                        "the module fills the picture but is not upright with its cells edge to edge "
+                        f"(a gap lies {off / pitch:.2f} of a cell from where an even cut puts it); leave "
+                        "a dark margin around the module so its outline can be found"
+                    )
+    return None
+
+
+def only_every(axis: AxisGrid) -> int | None:
+    """m if only every m-th inner line (m in SUBDIVISIONS) lies on a gap: the grid is m times too fine.
+
+    The others then lie on busbars or cell interiors: far fainter than the gap lines and not supported
+    as gaps. Both must hold, so a module with wider gaps between strings is not taken for one.
+    """
+    darkness, support = np.array(axis.darkness), np.array(axis.support)
+    index = np.arange(1, len(darkness) + 1)
+    for every in SUBDIVISIONS:
+        if len(index) + 1 < 2 * every or (len(index) + 1) % every:
+            continue
+        on = index % every == 0
+        strong = float(np.median(darkness[on]))
+        if strong <= 0:
+            continue
+        fainter = float(np.median(darkness[~on])) < FINER_DARKNESS * strong
+        if fainter and float(np.mean(support[~on])) < MIN_CONFIDENCE:
+            return every
+    return None
+
+
 def valley_strength(profile: np.ndarray, width: int) -> np.ndarray:
     """Black-hat of a 1-D profile relative to its local level: how much darker than its surroundings."""
     column = profile.astype(np.float32).reshape(1, -1)
     kernel = np.ones((1, width), np.uint8)
     closed = cv2.morphologyEx(column, cv2.MORPH_CLOSE, kernel, borderType=cv2.BORDER_REPLICATE)
     return ((closed - column) / np.maximum(closed, 8.0)).reshape(-1)
+
+
+@dataclass(frozen=True)
+class AxisGrid:
+    """The lines found along one axis and the evidence for and against the configured count."""
+
+    lines: list[tuple[float, float]]  # (offset, slope) per line, count + 1 of them
+    support: list[float]  # per inner line: the share of bands with a clear gap on it
+    hidden: float  # the largest mean support of the lines a SUBDIVISIONS-finer grid would add
+    darkness: list[float]  # per inner line: the median over bands of its valley's strength
 
 
 def grid_lines(
@@ -471,13 +571,14 @@ def grid_lines(
     pitches: tuple[float, float],
     margins: tuple[float, float],
     find_edges: bool,
-) -> tuple[list[tuple[float, float]], list[float]]:
+) -> AxisGrid:
     """The count+1 vertical lines of `image` as (offset, slope): x = offset + slope * y.
 
     Pass the transposed rectified image for the horizontal lines. Inner lines are the darkest valley
     near each even position; the outer two are the steepest step into the glowing cells when
     `find_edges`, else the image border. Also returns, per inner line, the fraction of bands whose
-    valley lies on the fitted line: the evidence that the configured grid is what is imaged.
+    valley lies on the fitted line (the evidence that the configured grid is what is imaged), and the
+    same evidence for lines inside the cells (that the module has more cells than configured).
     """
     pitch, pitch_across = pitches
     margin, margin_across = margins
@@ -497,7 +598,8 @@ def grid_lines(
         [gap_reference(strength[inside[0] : inside[1]], count - 1) for strength in strengths]
     )
     lines: list[tuple[float, float]] = []
-    supports = []
+    supports: list[float] = []
+    darkness: list[float] = []
     for k in range(count + 1):
         expected = margin + k * pitch
         if k in (0, count):
@@ -511,10 +613,42 @@ def grid_lines(
             found = [best_valley(strengths[band], expected, window) for band in range(across)]
             line, support = fit_line(centres, found, expected, pitch, references)
             supports.append(support)
+            darkness.append(float(np.median([strength for _, strength in found])))
         lines.append(line)
     if find_edges and count >= 3:
         lines[0], lines[-1] = steady_edges(lines)
-    return lines, supports
+    hidden = hidden_support(strengths, references, centres, count, pitch, margin) if count >= 2 else 0.0
+    return AxisGrid(lines, supports, hidden, darkness)
+
+
+def hidden_support(
+    strengths: list[np.ndarray],
+    references: np.ndarray,
+    centres: np.ndarray,
+    count: int,
+    pitch: float,
+    margin: float,
+) -> float:
+    """How well the extra lines of a 2x or 3x finer grid are supported, the finer grid that fits best.
+
+    Each extra line is searched and judged exactly as a configured one (clear, as dark as this band's
+    gaps, on a straight line), in a window narrowed to its finer pitch. Busbars sit inside cells too,
+    but are fainter than the gaps, so a right grid scores low here; a grid too coarse scores as high
+    as on its own lines. Needs count >= 2: the band's gap darkness is the yardstick.
+    """
+    best = 0.0
+    for parts in SUBDIVISIONS:
+        fine = pitch / parts
+        window = max(2, round(SEARCH_FRACTION * fine))
+        supports = []
+        for k in range(count):
+            for j in range(1, parts):
+                expected = margin + (k + j / parts) * pitch
+                found = [best_valley(strength, expected, window) for strength in strengths]
+                _, support = fit_line(centres, found, expected, fine, references)
+                supports.append(support)
+        best = max(best, float(np.mean(supports)))
+    return best
 
 
 def steady_edges(lines: list[tuple[float, float]]) -> tuple[tuple[float, float], tuple[float, float]]:

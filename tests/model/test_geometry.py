@@ -351,3 +351,51 @@ def test_twenty_frames_at_classifier_resolution(cells: ElpvCells) -> None:
     frames = generate_frames(cells, 20, seed=11, cell_px=(240.0, 320.0))
     worst = [float(centre_errors(f, cut_module(f.image, f.rows, f.cols, CELL)).max()) for f in frames]
     assert max(worst) <= TOLERANCE, f"worst centre errors: {np.round(worst, 3).tolist()}"
+
+
+# --- grids that fit the outline but not the cells: too coarse, too fine, or no outline to go by ------
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "wording"),
+    [
+        (3, 5, "gaps inside its cells"),
+        (6, 5, "more than 5 columns"),
+        (3, 10, "more than 3 rows"),
+        (2, 5, "gaps inside its cells"),
+        (12, 10, "too fine"),
+        (6, 20, "too fine"),
+    ],
+)
+def test_grid_coarser_or_finer_than_the_cells_is_refused(
+    cells: ElpvCells, rows: int, cols: int, wording: str
+) -> None:
+    # its lines fall on real gaps too, so gap support alone would pass it; a half-cut module read as
+    # full cells (or the reverse) is this misconfiguration
+    spec = FrameSpec(rows=6, cols=10, cell_px=90, rotation_deg=4, perspective=0.01, noise_sigma=2)
+    frame = render_frame(cells, spec, np.random.default_rng(1))
+    assert cut_module(frame.image, 6, 10, CELL).ok
+    geometry = cut_module(frame.image, rows, cols, CELL)
+    assert not geometry.ok
+    assert f"{rows}x{cols}" in (geometry.reason or "") and wording in (geometry.reason or "")
+    assert geometry.cells == []
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(3, 5), (3, 10), (12, 10), (6, 20)])
+def test_real_lab_frame_refuses_grids_coarser_or_finer(rows: int, cols: int) -> None:
+    geometry = cut_module(read_frame("pvimage-A1-DH2000h-6x10.jpg"), rows, cols, CELL)
+    assert not geometry.ok and geometry.cells == []
+    assert "check the line's rows and cols" in (geometry.reason or "")
+
+
+@pytest.mark.parametrize(("rotation", "margin"), [(0.0, 0.0), (1.5, 0.0), (1.0, 0.005)])
+def test_module_filling_the_picture_askew_is_refused_not_cut_evenly(
+    cells: ElpvCells, rotation: float, margin: float
+) -> None:
+    # no dark margin: no outline to rectify by; an even cut from the picture's edges would be off by
+    # a tenth of a cell or more (its frame, its tilt)
+    spec = FrameSpec(rows=6, cols=10, cell_px=80, rotation_deg=rotation, margin=margin, border=0.1)
+    frame = render_frame(cells, spec, np.random.default_rng(3))
+    geometry = cut_module(frame.image, 6, 10, CELL)
+    assert not geometry.ok and geometry.cells == []
+    assert "leave a dark margin" in (geometry.reason or "") or "check the line's" in (geometry.reason or "")
