@@ -101,9 +101,10 @@ class CellClassifier(nn.Module):
 
     def logit_map(self, features: torch.Tensor) -> torch.Tensor:
         """The linear head applied at every position: its spatial mean is the logit (class activation map)."""
-        weight = self.backbone.classifier.weight[0]  # (C,)
-        bias = self.backbone.classifier.bias[0]
-        return torch.einsum("nchw,c->nhw", features, weight) + bias
+        # a 1x1 convolution rather than an einsum: onnxruntime runs Conv as one fused kernel, while its
+        # Einsum cost about 0.7 ms per cell (a tenth of an INT8 cell's time at batch 1)
+        weight = self.backbone.classifier.weight.view(1, -1, 1, 1)  # (1, C, 1, 1)
+        return F.conv2d(features, weight, self.backbone.classifier.bias).squeeze(1)
 
     def forward(self, grey: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.late_features(self.early_features(grey, 0), 0)

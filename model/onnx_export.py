@@ -99,16 +99,23 @@ class _CellCalibration:
 
 
 def head_nodes(path: Path) -> list[str]:
-    """Names of the nodes between the last activation and the outputs (heat map, pooling, sigmoid)."""
+    """Names of the nodes between the last activation and the outputs (heat map, pooling, sigmoid).
+
+    The heat map is a one-output-channel Conv (the linear head at every position); the backbone's
+    convolutions, with many output channels, end the walk.
+    """
     import onnx
 
     graph = onnx.load(str(path)).graph
     producer = {output: node for node in graph.node for output in node.output}
+    out_channels = {tensor.name: tensor.dims[0] for tensor in graph.initializer if tensor.dims}
     names: list[str] = []
     pending = [output.name for output in graph.output]
     while pending:
         node = producer.get(pending.pop())
-        if node is None or node.op_type in ("Clip", "Relu", "Conv") or node.name in names:
+        if node is None or node.op_type in ("Clip", "Relu") or node.name in names:
+            continue
+        if node.op_type == "Conv" and out_channels.get(node.input[1]) != 1:
             continue
         names.append(node.name)
         pending.extend(node.input)

@@ -47,6 +47,23 @@ def test_int8_model_tracks_fp32(smoke_release: Path) -> None:
     assert float(np.median(np.abs(fp32 - int8))) < 0.05
 
 
+def test_int8_graph_keeps_the_heat_map_and_probability_in_float(smoke_release: Path) -> None:
+    import onnx
+
+    graph = onnx.load(str(smoke_release / "model-int8.onnx")).graph
+    producer = {output: node for node in graph.node for output in node.output}
+    heads = [node for node in graph.node if node.op_type == "Conv"]
+    head = heads[-1]  # the linear head applied at every position
+    weight = next(t for t in graph.initializer if t.name == head.input[1])
+    assert weight.dims[0] == 1
+    # a float Conv fed by the dequantized last feature map, and nothing after it is quantized again
+    assert producer[head.input[0]].op_type == "DequantizeLinear"
+    consumers = [node.op_type for node in graph.node if head.output[0] in node.input]
+    assert "QuantizeLinear" not in consumers
+    quantized_outputs = {node.output[0] for node in graph.node if node.op_type == "QuantizeLinear"}
+    assert not any(producer[o.name].input[0] in quantized_outputs for o in graph.output)
+
+
 def test_evaluation_on_a_handful_of_cells_writes_every_report_file(
     smoke_release: Path, tmp_path: Path
 ) -> None:
