@@ -74,18 +74,27 @@ def elpv_root() -> Path:
 def read_labels(labels_csv: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Names, probabilities and types from ELPV's whitespace-separated labels file, in file order."""
     names, probabilities, types = [], [], []
-    with labels_csv.open() as handle:
-        for line_number, line in enumerate(handle, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 3:
-                raise DatasetError(
-                    f"{labels_csv}:{line_number}: expected 'path probability type', got {line.strip()!r}"
-                )
-            names.append(fields[0])
-            probabilities.append(float(fields[1]))
-            types.append(fields[2])
+    try:
+        text = labels_csv.read_text()
+    except UnicodeDecodeError:
+        raise DatasetError(f"{labels_csv} is not a text file: expected ELPV's labels") from None
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 3:
+            raise DatasetError(
+                f"{labels_csv}:{line_number}: expected 'path probability type', got {line.strip()!r}"
+            )
+        try:
+            probability = float(fields[1])
+        except ValueError:
+            raise DatasetError(
+                f"{labels_csv}:{line_number}: expected a probability (0, 0.33, 0.67 or 1), got {fields[1]!r}"
+            ) from None
+        names.append(fields[0])
+        probabilities.append(probability)
+        types.append(fields[2])
     return np.array(names), np.array(probabilities, dtype=np.float64), np.array(types)
 
 

@@ -25,6 +25,10 @@ class ExportError(RuntimeError):
     """The exported graph failed the checker or disagrees with PyTorch."""
 
 
+class ModelFileError(ValueError):
+    """An ONNX file that is missing or that onnxruntime cannot load."""
+
+
 def export_onnx(model: object, path: Path, image_size: int) -> Path:
     """Write `model` (a CellClassifier in eval mode) as ONNX with a dynamic batch dimension."""
     import onnx
@@ -52,10 +56,15 @@ def export_onnx(model: object, path: Path, image_size: int) -> Path:
 def onnx_session(path: Path, threads: int = 0) -> object:
     import onnxruntime as ort
 
+    if not path.is_file():
+        raise ModelFileError(f"expected an ONNX model file at {path}")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) per cause
+        raise ModelFileError(f"onnxruntime cannot load {path}: {' '.join(str(exc).split())}") from exc
 
 
 def onnx_probabilities(session: object, cells: np.ndarray, batch_size: int = 32) -> np.ndarray:

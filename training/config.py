@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+ELPV_CELL_SIZE = 300
 
 
 class ConfigError(ValueError):
@@ -72,7 +75,11 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
             (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
-            (self.image_size >= 32, "image_size must be >= 32"),
+            (
+                self.image_size == ELPV_CELL_SIZE,
+                f"image_size must be {ELPV_CELL_SIZE}: cells are trained at their native size (the card "
+                "tells serving this size, and downscaling loses thin cracks)",
+            ),
             (self.freeze_blocks >= 0, "freeze_blocks must be >= 0"),
             (not self.cache_frozen or self.freeze_blocks > 0, "cache_frozen needs freeze_blocks > 0"),
             (1 <= self.validation_views <= 8, "validation_views must be in 1..8"),
@@ -105,12 +112,29 @@ def config_from_mapping(values: dict[str, Any]) -> TrainConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}; expected some of {sorted(known)}")
-    try:
-        config = TrainConfig(**values)
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from exc
+    config = typed_config(values)
     config.validate()
     return config
+
+
+def typed_config(values: dict[str, Any]) -> TrainConfig:
+    """The config with every value of its field's type: `epochs: ten` or `pretrained: "no"` is refused,
+    where a plain constructor would keep the string (and "no" would count as true)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    types = typing.get_type_hints(TrainConfig)
+    typed: dict[str, Any] = {}
+    problems = []
+    for key, value in values.items():
+        try:
+            # strict: no string-to-number or string-to-bool coercion; an int still serves for a float
+            typed[key] = TypeAdapter(types[key]).validate_python(value, strict=True)
+        except ValidationError as exc:
+            expected = " or ".join(sorted({error["msg"].lower() for error in exc.errors()}))
+            problems.append(f"{key}: {expected}, got {value!r}")
+    if problems:
+        raise ConfigError(f"bad config value(s): {'; '.join(problems)}")
+    return TrainConfig(**typed)
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -118,8 +142,8 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> T
     if path is not None:
         if not path.is_file():
             raise ConfigError(f"expected a config file at {path}")
-        text = path.read_text()
         try:
+            text = path.read_text()
             if path.suffix in (".yaml", ".yml"):
                 import yaml
 
@@ -127,7 +151,9 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> T
             else:
                 values = json.loads(text)
         except Exception as exc:
-            raise ConfigError(f"{path} is not valid {path.suffix.lstrip('.').upper()}: {exc}") from exc
+            kind = path.suffix.lstrip(".").upper() or "JSON"
+            # the parsers' messages run over several lines; the promise is one line
+            raise ConfigError(f"{path} is not valid {kind} text: {' '.join(str(exc).split())}") from exc
         if not isinstance(values, dict):
             raise ConfigError(f"expected {path} to hold a mapping of config keys")
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})

@@ -28,7 +28,7 @@ from datasets.elpv import (
     read_split_file,
 )
 from model.card import SHIPPED_MODEL_DIR, CardError, ModelCard, read_card, write_card
-from model.onnx_export import onnx_probabilities, onnx_session
+from model.onnx_export import ModelFileError, onnx_probabilities, onnx_session
 from model.preprocess import dihedral_view
 from training.metrics import classification_metrics
 
@@ -237,10 +237,12 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-card", action="store_true", help="write the metrics into the model card")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit expects a positive number of test cells, got {args.limit}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         card = evaluate_release(args.model, args.out, args.tta, args.limit, args.update_card, args.threads)
-    except (CardError, DatasetError) as exc:
+    except (CardError, DatasetError, ModelFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = json.loads((args.out / "report.json").read_text())["variants"]

@@ -39,6 +39,8 @@ from training.metrics import classification_metrics
 
 log = logging.getLogger("training.train")
 CHECKPOINT_FORMAT = "pvqc-checkpoint-1"
+# what export and evaluation read from any checkpoint (a slim one drops only the optimizer's state)
+CHECKPOINT_KEYS = ("config", "model", "epoch", "best_auc", "history", "validation")
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -180,6 +182,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise WeightsError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{path} is not a pvqc checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing or not isinstance(state["config"], dict) or "architecture" not in state["config"]:
+        raise WeightsError(
+            f"{path} is an incomplete pvqc checkpoint: expected the keys {list(CHECKPOINT_KEYS)} and a "
+            f"config naming its architecture; missing {missing or ['config.architecture']}"
+        )
     return state
 
 
@@ -192,10 +200,17 @@ def model_from_checkpoint(state: dict[str, Any], architecture: str | None = None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise WeightsError(
-            f"the checkpoint's weights do not fit {saved}: {str(exc).splitlines()[0]}"
-        ) from exc
+        raise WeightsError(f"the checkpoint's weights do not fit {saved}: {state_dict_problem(exc)}") from exc
     return model.eval()
+
+
+def state_dict_problem(exc: RuntimeError) -> str:
+    """One line from torch's many-line load_state_dict error: the first mismatch and how many there are."""
+    details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+    if not details:
+        return str(exc).strip()
+    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return f"{details[0]}{more}"
 
 
 def restore(
@@ -208,6 +223,8 @@ def restore(
     """Load a last.pt into a run built from the same config; returns (next epoch, best AUC, history)."""
     state = load_checkpoint(path)
     saved = state["config"]
+    if "optimizer" not in state or "scheduler" not in state:
+        raise ConfigError(f"cannot resume: {path} holds no optimizer state (a slim checkpoint); use last.pt")
     if saved["architecture"] != config.architecture:
         raise WeightsError(
             f"cannot resume: {path} holds a {saved['architecture']} network; the config says "
@@ -219,8 +236,17 @@ def restore(
             f"{saved['batch_size']} cells; "
             f"the config says {config.epochs} of {config.batch_size}"
         )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise WeightsError(f"cannot resume: {path}'s weights do not fit: {state_dict_problem(exc)}") from exc
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as exc:
+        raise ConfigError(
+            f"cannot resume: {path} was trained with other parameters frozen (freeze_blocks "
+            f"{saved.get('freeze_blocks')}; the config says {config.freeze_blocks})"
+        ) from exc
     scheduler.load_state_dict(state["scheduler"])
     log.info("resumed from %s after epoch %d", path, state["epoch"] + 1)
     return state["epoch"] + 1, state["best_auc"], state["history"]

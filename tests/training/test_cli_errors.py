@@ -103,3 +103,30 @@ def test_repeated_set_flags_accumulate(tmp_path: Path) -> None:
         ["training.train", "--set", "freeze_blocks=3", "--set", "cache_frozen=true", "--set", "shift=0.03"]
     )
     assert_one_line_error(done, "need cache_frozen: false")
+
+
+def test_incomplete_checkpoint(tmp_path: Path) -> None:
+    partial = tmp_path / "partial.pt"
+    torch.save({"format": CHECKPOINT_FORMAT}, partial)
+    done = run(
+        ["training.export", "--checkpoint", str(partial), "--out", str(tmp_path / "o"), "--version", "1"]
+    )
+    assert_one_line_error(done, "is an incomplete pvqc checkpoint")
+
+
+def test_config_value_of_the_wrong_type(tmp_path: Path) -> None:
+    config = tmp_path / "typed.yaml"
+    config.write_text("epochs: ten\n")
+    done = run(["training.train", "--config", str(config)])
+    assert_one_line_error(done, "epochs: input should be a valid integer, got 'ten'")
+
+
+def test_evaluate_a_release_whose_onnx_is_not_a_model(tmp_path: Path) -> None:
+    from model.card import SHIPPED_MODEL_DIR
+
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "card.json").write_text((SHIPPED_MODEL_DIR / "card.json").read_text())
+    (release / "model.onnx").write_bytes(b"not a protobuf")
+    done = run(["training.evaluate", "--model", str(release), "--out", str(tmp_path / "r"), "--limit", "4"])
+    assert_one_line_error(done, "onnxruntime cannot load")
