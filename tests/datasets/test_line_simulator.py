@@ -71,7 +71,39 @@ def test_unreachable_service_is_counted_not_raised() -> None:
     assert outcomes == {"error": 2}
 
 
-@pytest.mark.parametrize("argv", [["--rate", "0"], ["--rows", "0"], ["--count", "3", "--duration", "2"]])
+def test_answers_that_are_not_verdicts_are_counted_by_status() -> None:
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if len(seen) == 1:  # a proxy's error page that claims to be JSON
+            return httpx.Response(
+                502, text="<html>bad gateway</html>", headers={"content-type": "application/json"}
+            )
+        return httpx.Response(401, json={"detail": "expected an X-API-Key header"})
+
+    args = simulator.parse_args(
+        ["--rate", "500", "--count", "3", "--rows", "2", "--cols", "3", "--cell-px", "30"]
+    )
+    cells = load_elpv(indices=np.arange(10))
+    outcomes = simulator.run(args, cells, client=httpx.Client(transport=httpx.MockTransport(answer)))
+    assert outcomes == {"502": 1, "401": 2}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--rate", "0"],
+        ["--rate", "nan"],
+        ["--rate", "inf"],
+        ["--rows", "0"],
+        ["--count", "3", "--duration", "2"],
+        ["--count", "-3"],
+        ["--duration", "-5"],
+        ["--defect-rate", "7"],
+        ["--timeout", "-1"],
+    ],
+)
 def test_bad_arguments_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         simulator.parse_args(argv)
