@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ELPV_CELL_SIZE = 300
+from model.preprocess import INPUT_SIZE
 
 
 class ConfigError(ValueError):
@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     architecture: str = "efficientnet_lite0"
     pretrained: bool = True
-    image_size: int = 300
+    image_size: int = INPUT_SIZE
     epochs: int = 30
     batch_size: int = 32
     lr: float = 3e-3
@@ -76,8 +76,8 @@ class TrainConfig:
             (self.lr > 0, "lr must be > 0"),
             (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
             (
-                self.image_size == ELPV_CELL_SIZE,
-                f"image_size must be {ELPV_CELL_SIZE}: cells are trained at their native size (the card "
+                self.image_size == INPUT_SIZE,
+                f"image_size must be {INPUT_SIZE}: cells are trained at their native size (the card "
                 "tells serving this size, and downscaling loses thin cracks)",
             ),
             (self.freeze_blocks >= 0, "freeze_blocks must be >= 0"),
