@@ -98,6 +98,10 @@ class Inspection(Base):
     frame_height: Mapped[int] = mapped_column(Integer)
     geometry_ok: Mapped[bool] = mapped_column(Boolean)
     geometry_confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # module frames: how many modules the frame showed (the largest is judged) and the geometry's notes
+    # about it ("2 modules in view; the largest is judged"); None on cell frames and older rows
+    modules_in_view: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    geometry_notes: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     timings_ms: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 

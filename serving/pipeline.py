@@ -9,7 +9,7 @@ answers, and the inspection-completed event is published after that commit.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 import anyio
@@ -45,6 +45,8 @@ class _Cells:
     geometry_ok: bool = True
     confidence: float | None = None
     reason: str | None = None
+    modules_in_view: int | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 class _Clock:
@@ -118,13 +120,17 @@ def _cut_module(decoded: DecodedImage, rows: int, cols: int, size: int, max_pixe
     from model.geometry import cut_module  # imported here: geometry pulls in more than the rest needs
 
     geometry = cut_module(decoded.grey, rows, cols, size, max_pixels=max_pixels)
-    if not geometry.ok:
-        return _Cells([], [], [], geometry_ok=False, confidence=geometry.confidence, reason=geometry.reason)
+    # a refused frame keeps what the geometry saw too: "2 modules in view" explains a REVIEW as well
+    cells = [] if not geometry.ok else geometry.cells
     return _Cells(
-        images=[cell.image for cell in geometry.cells],
-        positions=[(cell.row, cell.col) for cell in geometry.cells],
-        polygons=[np.asarray(cell.polygon, dtype=float).round(2).tolist() for cell in geometry.cells],
+        images=[cell.image for cell in cells],
+        positions=[(cell.row, cell.col) for cell in cells],
+        polygons=[np.asarray(cell.polygon, dtype=float).round(2).tolist() for cell in cells],
+        geometry_ok=geometry.ok,
         confidence=geometry.confidence,
+        reason=geometry.reason,
+        modules_in_view=geometry.modules_in_view,
+        notes=list(geometry.notes),
     )
 
 
@@ -189,6 +195,8 @@ def _inspection_row(
         frame_height=decoded.height,
         geometry_ok=cells.geometry_ok,
         geometry_confidence=cells.confidence,
+        modules_in_view=cells.modules_in_view,
+        geometry_notes=cells.notes if kind is InspectionKind.MODULE else None,
         timings_ms={},
         created_at=utcnow(),
         cells=[

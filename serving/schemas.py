@@ -51,6 +51,8 @@ class InspectionOut(InspectionSummary):
     duplicate: bool = False  # True when this (line, serial, frame id) had been stored before
     geometry_ok: bool
     geometry_confidence: float | None
+    modules_in_view: int | None  # module frames: modules the geometry saw; the largest is judged
+    geometry_notes: list[str]  # what the geometry noticed besides its verdict, e.g. other modules in view
     defective_cells: list[list[int]]  # [row, col] of each defective cell
     cells: list[CellOut]
     timings_ms: dict[str, float]
@@ -94,6 +96,8 @@ def inspection_out(row: Inspection, duplicate: bool = False) -> InspectionOut:
             "duplicate": duplicate,
             "geometry_ok": row.geometry_ok,
             "geometry_confidence": row.geometry_confidence,
+            "modules_in_view": row.modules_in_view,
+            "geometry_notes": row.geometry_notes or [],
             "defective_cells": [[c.row, c.col] for c in cells if c.verdict is CellVerdict.DEFECTIVE],
             "cells": cells,
             "timings_ms": row.timings_ms,

@@ -90,6 +90,34 @@ def test_frame_that_is_not_a_module_is_review_never_pass(client: TestClient) -> 
     assert result["cells"] == []
 
 
+def test_second_module_in_view_is_named_and_only_the_largest_is_judged(client: TestClient) -> None:
+    # a 6x10 module beside a smaller 6x10 one on a dark floor; the smaller one holds a dark cell that
+    # must not fail the larger module, and the answer must say another module was in view
+    large = module_frame(levels())
+    small = module_frame(levels(r0c0=DARK), cell=40, gap=3)
+    frame = np.zeros((large.shape[0] + 160, large.shape[1] + small.shape[1] + 240), np.uint8)
+    frame[80 : 80 + large.shape[0], 80 : 80 + large.shape[1]] = large
+    left = 160 + large.shape[1]
+    frame[120 : 120 + small.shape[0], left : left + small.shape[1]] = small
+    result = post_module(client, png(frame)).json()
+    assert result["verdict"] == "PASS" and len(result["cells"]) == 60
+    assert result["modules_in_view"] == 2
+    assert result["geometry_notes"] == ["2 modules in view; the largest is judged"]
+    assert all(c["polygon"][0][0] < left for c in result["cells"])  # every cell on the large module
+    stored = client.get(f"/inspections/{result['inspection_id']}").json()
+    assert (stored["modules_in_view"], stored["geometry_notes"]) == (2, result["geometry_notes"])
+
+
+def test_single_module_has_no_notes_and_a_cell_frame_no_module_count(client: TestClient) -> None:
+    frame = np.zeros((6 * 64 + 160, 10 * 64 + 160), np.uint8)
+    frame[80:-80, 80:-80] = module_frame(levels())
+    module = post_module(client, png(frame)).json()
+    assert (module["modules_in_view"], module["geometry_notes"]) == (1, [])
+    headers = {"Content-Type": "image/png", "X-Module-Serial": "M3", "X-Frame-Id": "c1"}
+    cell = client.post("/lines/L1/cells", content=png(cell_image(BRIGHT)), headers=headers).json()
+    assert (cell["modules_in_view"], cell["geometry_notes"]) == (None, [])
+
+
 def test_repost_of_the_same_frame_returns_the_stored_result_once(client: TestClient) -> None:
     body = png(module_frame(levels(r0c0=DARK)))
     first = post_module(client, body, serial="S9", frame="A")

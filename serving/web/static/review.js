@@ -115,7 +115,9 @@
     verdict.textContent = o.verdict;
     const meta = document.createElement("span");
     meta.className = "meta";
-    meta.textContent = `${new Date(o.created_at).toLocaleString()} · model ${o.model.version} · threshold ${o.model.threshold} · ${o.reason || ""}`;
+    // the geometry's notes ("2 modules in view; the largest is judged") tell the reviewer which module was judged
+    const said = [o.reason, ...(o.geometry_notes || [])].filter(Boolean).join(" · ");
+    meta.textContent = `${new Date(o.created_at).toLocaleString()} · model ${o.model.version} · threshold ${o.model.threshold} · ${said}`;
     head.append(title, verdict, meta);
     main.appendChild(head);
 
