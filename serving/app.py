@@ -61,6 +61,9 @@ class Services:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # background work (shadow scoring)
     listeners: list[EventPublisher] = field(default_factory=list)  # besides the live hub
     live: LiveEvents | None = None  # set by the lifespan: it needs the running event loop
+    # decoding and geometry of frames share this many worker threads (settings.frame_workers), so
+    # a burst of large frames waits instead of converting all at once; set by the lifespan
+    frame_limiter: anyio.CapacityLimiter | None = None
 
     @property
     def publisher(self) -> EventPublisher:
@@ -138,6 +141,7 @@ def create_app(settings: Settings | None = None, publisher: EventPublisher | Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await anyio.to_thread.run_sync(start_services, settings, publisher)
+        services.frame_limiter = anyio.CapacityLimiter(settings.resolved_frame_workers)
         live = LiveEvents(settings, services.sessions, make_broker(settings))
         follow: asyncio.Task[None] | None = None
         try:

@@ -84,10 +84,11 @@ async def _inspect(
     clock = _Clock()
     # the model this request starts with judges it to the end, whatever a hot swap does meanwhile
     runtime = services.runtime
+    frames = services.frame_limiter  # decoding and cutting: the memory-heavy steps, bounded together
     try:
         image_type = parse_content_type(request.content_type)
         decoded = await anyio.to_thread.run_sync(
-            decode_image, request.body, image_type, services.settings.max_pixels
+            decode_image, request.body, image_type, services.settings.max_pixels, limiter=frames
         )
     except ImageRejectedError as exc:
         services.metrics.rejected.labels("image").inc()
@@ -96,10 +97,10 @@ async def _inspect(
     size = runtime.size
     if kind is InspectionKind.MODULE:
         cells = await anyio.to_thread.run_sync(
-            _cut_module, decoded, rows, cols, size, services.settings.max_pixels
+            _cut_module, decoded, rows, cols, size, services.settings.max_pixels, limiter=frames
         )
     else:
-        cells = await anyio.to_thread.run_sync(_whole_cell, decoded, size)
+        cells = await anyio.to_thread.run_sync(_whole_cell, decoded, size, limiter=frames)
     clock.lap("geometry")
     probabilities = await _probabilities(services, runtime, cells.images)
     clock.lap("inference")

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     max_pixels: int = Field(default=60_000_000, gt=0, description="decompression-bomb guard (w x h)")
     max_grid_cells: int = Field(default=400, gt=0, description="rows x cols above this is rejected")
+    frame_workers: int = Field(
+        default=0,
+        ge=0,
+        description="frames decoded and cut side by side; more wait their turn. A large 16-bit frame "
+        "takes hundreds of MB while it is converted, so this bounds memory; 0 = one per core",
+    )
     max_v2_batch: int = Field(default=256, gt=0)
 
     # micro-batcher
@@ -134,6 +140,10 @@ class Settings(BaseSettings):
     @property
     def resolved_inference_workers(self) -> int:
         return self.inference_workers or usable_cores()
+
+    @property
+    def resolved_frame_workers(self) -> int:
+        return self.frame_workers or usable_cores()
 
     @property
     def session_threads(self) -> int:

@@ -61,7 +61,9 @@ async def score_in_shadow(
             cells = np.stack(images)
         else:
             polygons = [cell.polygon for cell in inspection.cells]
-            cells = await anyio.to_thread.run_sync(cut_for, shadow, grey, polygons)
+            cells = await anyio.to_thread.run_sync(
+                cut_for, shadow, grey, polygons, limiter=services.frame_limiter
+            )
         outputs = await services.batcher.infer(cells[:, None], shadow)
         probabilities = np.asarray(outputs[shadow.card.probability_output], dtype=float).reshape(-1)
         points = shadow.card.operating_points

@@ -55,7 +55,7 @@ class PreviewCache:
                 temporary.replace(path)  # readers see the whole file or none; a lost one is remade
                 return data
 
-            return await anyio.to_thread.run_sync(make)
+            return await anyio.to_thread.run_sync(make, limiter=services.frame_limiter)
 
 
 def load_grey(services: Services, row: Inspection) -> np.ndarray:
@@ -100,7 +100,9 @@ async def cell_heatmap(services: Services, row: Inspection, cell_row: int, cell_
     if CAM_OUTPUT not in runtime.output_names:
         raise ApiError(501, f"model {runtime.card.name} has no {CAM_OUTPUT!r} output for heat maps")
     polygon = cell.polygon
-    pixels = await anyio.to_thread.run_sync(lambda: _cell_pixels(services, row, polygon, runtime.size))
+    pixels = await anyio.to_thread.run_sync(
+        lambda: _cell_pixels(services, row, polygon, runtime.size), limiter=services.frame_limiter
+    )
     outputs = await services.batcher.infer(pixels[None, None], runtime)
     logits = np.asarray(outputs[CAM_OUTPUT][0], dtype=np.float64)
     heat = 1.0 / (1.0 + np.exp(-logits))  # per-position defect probability, same scale as the cell's

@@ -104,3 +104,42 @@ def test_full_queue_answers_503_with_retry_after(make_settings: MakeSettings) ->
         assert "queue is full" in response.json()["error"]
         assert client.get("/inspections").json()["items"] == []  # nothing stored for a refused frame
         assert 'pvqc_rejected_requests_total{reason="queue_full"} 1.0' in client.get("/metrics").text
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_frames_are_cut_at_most_frame_workers_at_a_time(
+    make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    # decoding and cutting a large frame takes hundreds of MB: a burst of frames must queue for
+    # frame_workers threads, not convert all at once in anyio's 40
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import model.geometry
+
+    real_cut = model.geometry.cut_module
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def counted_cut(*args, **kwargs):  # type: ignore[no-untyped-def]
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.1)  # long enough for every request to be waiting at once
+            return real_cut(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(model.geometry, "cut_module", counted_cut)
+    body = png(module_frame(np.full((6, 10), BRIGHT)))
+    with TestClient(create_app(make_settings(frame_workers=workers)), headers=AUTH) as client:
+
+        def post(number: int) -> int:
+            headers = {"Content-Type": "image/png", "X-Module-Serial": f"m{number}", "X-Frame-Id": "1"}
+            return client.post("/lines/L1/modules", content=body, headers=headers).status_code
+
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(post, range(6)))
+    assert statuses == [201] * 6
+    assert most[0] == workers
