@@ -99,6 +99,8 @@ def run(args: argparse.Namespace, cells: ElpvCells, client: httpx.Client | None 
         cell_px=(args.cell_px * 0.9, args.cell_px * 1.1),
         neighbour_probability=0.1,
         defect_rate=args.defect_rate,
+        half_cut_share=1.0 if args.half_cut else 0.0,
+        half_cut_grids=((args.rows, args.cols),),
     )
     url = module_url(args.url, args.line)
     outcomes: Counter[str] = Counter()
@@ -140,6 +142,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=None,
         help="share of modules with 1-3 defective cells, the rest functional (default: random ELPV cells)",
+    )
+    parser.add_argument(
+        "--half-cut",
+        action="store_true",
+        help="half-cut modules: --rows x --cols counts half cells (e.g. 6x24 for a 144-cell module); "
+        "--cell-px stays the full cell's side",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--api-key", default=None, help="sent as the X-API-Key header")

@@ -25,6 +25,9 @@ from datasets.elpv import ElpvCells
 log = logging.getLogger(__name__)
 
 GRIDS = ((6, 10), (6, 12), (10, 6), (12, 6), (4, 9))  # rows x cols as imaged: landscape and portrait
+# 120- and 144-cell half-cut modules: 6 strings of 20 / 24 half cells, imaged landscape or portrait
+HALF_CUT_GRIDS = ((6, 20), (6, 24), (20, 6), (24, 6))
+CENTRE_GAP = (0.06, 0.12)  # a half-cut module's two halves are parted by this much, fraction of a cell
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,19 @@ class FrameSpec:
     ribbons: bool = True  # dark ribbon stubs across the gaps and the border
     neighbour: str | None = None  # "left" or "right": a second module, cut off at that frame edge
     background: int = 12
+    # Each placed cell is half of an ELPV cell, split across the grid's long axis (narrow cells on a
+    # landscape grid, short ones on a portrait grid), and the module's two halves are parted by a
+    # wider gap, as on 120/144-cell half-cut modules. `cell_px` is then the full cell's side.
+    half_cut: bool = False
+
+    @property
+    def cell_size(self) -> tuple[int, int]:
+        """A placed cell's (width, height) in plane pixels."""
+        side = max(8, round(self.cell_px))
+        if not self.half_cut:
+            return side, side
+        half = max(4, round(self.cell_px / 2))
+        return (half, side) if self.cols >= self.rows else (side, half)
 
 
 @dataclass(frozen=True)
@@ -56,7 +72,10 @@ class TruthCell:
     polygon: np.ndarray  # (4, 2) float32 frame pixels, clockwise from top-left
     index: int  # into the ElpvCells the frame was composed from
     name: str
+    # of the whole ELPV cell: on a half cell a defect may lie in the half that is not shown, so a
+    # half cell's label is not a verdict to compare with
     probability: float
+    part: str = "whole"  # or the half shown: "left", "right", "top", "bottom"
 
 
 @dataclass(frozen=True)
@@ -80,9 +99,17 @@ def random_spec(
     grids: tuple[tuple[int, int], ...] = GRIDS,
     cell_px: tuple[float, float] = (90.0, 140.0),
     neighbour_probability: float = 0.25,
+    half_cut_share: float = 0.0,
+    half_cut_grids: tuple[tuple[int, int], ...] = HALF_CUT_GRIDS,
 ) -> FrameSpec:
-    """A spec drawn from what a line camera sees: tilt up to 10 degrees, mild perspective, noise."""
-    rows, cols = grids[int(rng.integers(len(grids)))]
+    """A spec drawn from what a line camera sees: tilt up to 10 degrees, mild perspective, noise.
+
+    `half_cut_share` of the frames show a half-cut module (one of `half_cut_grids`, in half cells); at
+    0 no extra random number is drawn, so a seed gives the same frames as before half-cut modules existed.
+    """
+    half_cut = half_cut_share > 0 and bool(rng.random() < half_cut_share)
+    choices = half_cut_grids if half_cut else grids
+    rows, cols = choices[int(rng.integers(len(choices)))]
     neighbour = None
     if rng.random() < neighbour_probability:
         neighbour = "left" if rng.random() < 0.5 else "right"
@@ -101,49 +128,85 @@ def random_spec(
         ribbons=bool(rng.random() < 0.7),
         neighbour=neighbour,
         background=int(rng.integers(3, 30)),
+        half_cut=half_cut,
     )
 
 
 def module_plane(
     cells: ElpvCells, indices: np.ndarray, spec: FrameSpec, rng: np.random.Generator
-) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-    """The upright module at `spec.cell_px` per cell: image, each cell's corners, the cell area's corners."""
-    side = max(8, round(spec.cell_px))
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, list[str]]:
+    """The upright module at `spec.cell_px` per cell: image, each cell's corners, the cell area's
+    corners, and which part of its ELPV cell each placed cell shows."""
+    cell_w, cell_h = spec.cell_size
+    side = max(cell_w, cell_h)
     gaps_x = rng.uniform(*spec.gap_range, size=spec.cols - 1) * side  # uneven gaps, like real strings
     gaps_y = rng.uniform(*spec.gap_range, size=spec.rows - 1) * side
+    if spec.half_cut:
+        widen_centre_gap(gaps_x if spec.cols >= spec.rows else gaps_y, side, rng)
     border = max(2, round(spec.border * side))
-    lefts = border + np.concatenate([[0.0], np.cumsum(side + gaps_x)])
-    tops = border + np.concatenate([[0.0], np.cumsum(side + gaps_y)])
-    width = math.ceil(lefts[-1] + side + border)
-    height = math.ceil(tops[-1] + side + border)
+    lefts = border + np.concatenate([[0.0], np.cumsum(cell_w + gaps_x)])
+    tops = border + np.concatenate([[0.0], np.cumsum(cell_h + gaps_y)])
+    width = math.ceil(lefts[-1] + cell_w + border)
+    height = math.ceil(tops[-1] + cell_h + border)
     frame_level, gap_level = int(rng.integers(25, 60)), int(rng.integers(5, 30))
     plane = np.full((height, width), frame_level, dtype=np.uint8)
     x0, y0 = border, border
-    plane[y0 : round(tops[-1] + side), x0 : round(lefts[-1] + side)] = gap_level
-    polygons = []
+    plane[y0 : round(tops[-1] + cell_h), x0 : round(lefts[-1] + cell_w)] = gap_level
+    polygons, parts = [], []
     for k, index in enumerate(indices):
         r, c = divmod(k, spec.cols)
         x, y = lefts[c], tops[r]
+        part = cell_part(spec, rng)
+        image = half_of(cells.images[index], part)
         flags = cv2.INTER_AREA if side < 300 else cv2.INTER_LINEAR
-        scaled = cv2.resize(cells.images[index], (side, side), interpolation=flags)
+        scaled = cv2.resize(image, (cell_w, cell_h), interpolation=flags)
         place_subpixel(plane, scaled, x, y)
         # Pixel centres sit at integer coordinates: the cell's outer edges are half a pixel outside them.
         x, y = x - 0.5, y - 0.5
-        polygons.append(np.array([[x, y], [x + side, y], [x + side, y + side], [x, y + side]], np.float64))
+        polygons.append(
+            np.array([[x, y], [x + cell_w, y], [x + cell_w, y + cell_h], [x, y + cell_h]], np.float64)
+        )
+        parts.append(part)
     if spec.ribbons:
-        draw_ribbons(plane, lefts, tops, side, gaps_y, border)
+        draw_ribbons(plane, lefts, tops, (cell_w, cell_h), gaps_y, border)
     area = (
         np.array(
             [
                 [lefts[0], tops[0]],
-                [lefts[-1] + side, tops[0]],
-                [lefts[-1] + side, tops[-1] + side],
-                [lefts[0], tops[-1] + side],
+                [lefts[-1] + cell_w, tops[0]],
+                [lefts[-1] + cell_w, tops[-1] + cell_h],
+                [lefts[0], tops[-1] + cell_h],
             ]
         )
         - 0.5
     )
-    return plane, polygons, area
+    return plane, polygons, area, parts
+
+
+def widen_centre_gap(gaps: np.ndarray, side: int, rng: np.random.Generator) -> None:
+    """Part a half-cut module's two halves (junction boxes between them) wider than its cells."""
+    if len(gaps):
+        gaps[len(gaps) // 2] = rng.uniform(*CENTRE_GAP) * side
+
+
+def cell_part(spec: FrameSpec, rng: np.random.Generator) -> str:
+    """Which part of an ELPV cell a placed cell shows; no random number is drawn for whole cells."""
+    if not spec.half_cut:
+        return "whole"
+    halves = ("left", "right") if spec.cols >= spec.rows else ("top", "bottom")
+    return halves[int(rng.integers(2))]
+
+
+def half_of(image: np.ndarray, part: str) -> np.ndarray:
+    height, width = image.shape[:2]
+    crops = {
+        "whole": image,
+        "left": image[:, : width // 2],
+        "right": image[:, width // 2 :],
+        "top": image[: height // 2],
+        "bottom": image[height // 2 :],
+    }
+    return crops[part]
 
 
 def place_subpixel(plane: np.ndarray, patch: np.ndarray, x: float, y: float) -> None:
@@ -158,15 +221,21 @@ def place_subpixel(plane: np.ndarray, patch: np.ndarray, x: float, y: float) -> 
 
 
 def draw_ribbons(
-    plane: np.ndarray, lefts: np.ndarray, tops: np.ndarray, side: int, gaps_y: np.ndarray, border: int
+    plane: np.ndarray,
+    lefts: np.ndarray,
+    tops: np.ndarray,
+    cell_size: tuple[int, int],
+    gaps_y: np.ndarray,
+    border: int,
 ) -> None:
     """Dark ribbon stubs where the cell strings' ribbons cross the gaps and leave through the border."""
-    thickness = max(1, round(side * 0.012))
+    cell_w, cell_h = cell_size
+    thickness = max(1, round(max(cell_size) * 0.012))
     for left in lefts:
         for fraction in (0.25, 0.75):  # two ribbons per string, at the busbars' usual places
-            x = round(left + fraction * side)
+            x = round(left + fraction * cell_w)
             cv2.line(plane, (x, 0), (x, border), 8, thickness)
-            cv2.line(plane, (x, round(tops[-1] + side)), (x, plane.shape[0] - 1), 8, thickness)
+            cv2.line(plane, (x, round(tops[-1] + cell_h)), (x, plane.shape[0] - 1), 8, thickness)
             for top, gap in zip(tops[1:], gaps_y, strict=True):
                 # A ribbon across a gap is brighter than the gap: a reflection of the cells' glow.
                 cv2.line(plane, (x, round(top - gap)), (x, round(top)), 45, thickness)
@@ -212,7 +281,7 @@ def render_frame(
     count = spec.rows * spec.cols
     if indices is None:
         indices = rng.choice(len(cells), size=count, replace=count > len(cells))
-    plane, polygons, area = module_plane(cells, np.asarray(indices), spec, rng)
+    plane, polygons, area, parts = module_plane(cells, np.asarray(indices), spec, rng)
     matrix, (frame_w, frame_h) = pose(spec, (plane.shape[1], plane.shape[0]), rng)
     # Background: dark, with a faint gradient (stray light).
     yy, xx = np.mgrid[0:frame_h, 0:frame_w].astype(np.float32)
@@ -239,6 +308,7 @@ def render_frame(
                 index,
                 str(cells.names[index]),
                 float(cells.probabilities[index]),
+                parts[k],
             )
         )
     corners = to_frame(area, matrix).astype(np.float32)
@@ -255,7 +325,7 @@ def paste(image: np.ndarray, plane: np.ndarray, matrix: np.ndarray) -> np.ndarra
 
 def neighbour_plane(cells: ElpvCells, spec: FrameSpec, rng: np.random.Generator) -> np.ndarray:
     indices = rng.choice(len(cells), size=spec.rows * spec.cols, replace=True)
-    plane, _, _ = module_plane(cells, indices, spec, rng)
+    plane, _, _, _ = module_plane(cells, indices, spec, rng)
     return plane
 
 
@@ -275,6 +345,8 @@ def generate_frames(
     neighbour_probability: float = 0.25,
     photometric: bool = True,
     defect_rate: float | None = None,
+    half_cut_share: float = 0.0,
+    half_cut_grids: tuple[tuple[int, int], ...] = HALF_CUT_GRIDS,
 ) -> Iterator[SyntheticFrame]:
     """A reproducible stream of `count` frames with random specs (same seed, same frames).
 
@@ -285,7 +357,7 @@ def generate_frames(
     """
     rng = np.random.default_rng(seed)
     for _ in range(count):
-        spec = random_spec(rng, grids, cell_px, neighbour_probability)
+        spec = random_spec(rng, grids, cell_px, neighbour_probability, half_cut_share, half_cut_grids)
         if not photometric:
             spec = replace(spec, vignetting=0.0, noise_sigma=0.0, gain=1.0)
         indices = (

@@ -51,6 +51,7 @@ MIN_SIDE = 32  # smaller frames cannot hold a module worth judging
 LOCATE_SIDE = 1024  # the long side of the copy the module is located on
 RECTIFIED_PITCH = 80  # pixels per cell (along x) in the rectified image the grid is searched in
 SEARCH_FRACTION = 0.13  # gap search window, +- this fraction of a pitch around the even position
+CHAIN_REACH = 0.3  # a weak line searched again from its neighbour stays this close to its even position
 MIN_VALLEY_CONTRAST = 0.04  # weaker valleys do not steer a line (relative darkness)
 GAP_RELATIVE = 0.65  # ... and at least this fraction as dark as the band's darkest lines
 GAP_CONTRAST = 0.15  # a valley this dark is a gap between cells; texture and noise stay below 0.1
@@ -68,6 +69,9 @@ MIN_MODULE_FRACTION = 0.02  # a module covers at least this fraction of the fram
 FILLING_FRACTION = 0.95  # a bright area spanning this much of both sides is a rectified module
 EDGE_MARGIN = 0.15  # searched beyond the located outline for the outer cell edges, fraction of a pitch
 EDGE_WINDOW = 0.08  # a gap's edges are searched within +- this fraction of a pitch of its line
+# ... widened (doubling) up to this for a gap wider than the window, e.g. the centre gap between the two
+# halves of a half-cut module, which reads as a faint gap while its floor fills the window
+MAX_EDGE_WINDOW = 0.4
 EDGE_LEVEL = 0.15  # a cell starts where the profile has climbed this share from the gap to the cell
 EDGE_STEP = 0.5  # frame pixels between samples across a gap
 EDGE_SAMPLES = 16  # samples along each cell's side, per band
@@ -597,6 +601,7 @@ def grid_lines(
     references = np.array(
         [gap_reference(strength[inside[0] : inside[1]], count - 1) for strength in strengths]
     )
+    search = BandSearch(strengths, references, centres, window)
     lines: list[tuple[float, float]] = []
     supports: list[float] = []
     darkness: list[float] = []
@@ -610,15 +615,80 @@ def grid_lines(
             found = [best_edge(profile, expected, window, rising) for profile in profiles]
             line, _ = fit_line(centres, found, expected, pitch)
         else:
-            found = [best_valley(strengths[band], expected, window) for band in range(across)]
-            line, support = fit_line(centres, found, expected, pitch, references)
+            line, support, dark = search.line_near(expected, pitch)
             supports.append(support)
-            darkness.append(float(np.median([strength for _, strength in found])))
+            darkness.append(dark)
         lines.append(line)
+    chain_weak_lines(lines, supports, darkness, search, pitch, margin)
     if find_edges and count >= 3:
         lines[0], lines[-1] = steady_edges(lines)
     hidden = hidden_support(strengths, references, centres, count, pitch, margin) if count >= 2 else 0.0
     return AxisGrid(lines, supports, hidden, darkness)
+
+
+@dataclass(frozen=True)
+class BandSearch:
+    """What a line search needs across one axis: each band's valley strengths, the band's gap
+    darkness, the band centres (along the lines) and the search window (pixels)."""
+
+    strengths: list[np.ndarray]
+    references: np.ndarray
+    centres: np.ndarray
+    window: int
+
+    def line_near(self, expected: float, pitch: float) -> tuple[tuple[float, float], float, float]:
+        """The line through the bands' valleys near `expected`: (offset, slope), support, darkness."""
+        found = [best_valley(strength, expected, self.window) for strength in self.strengths]
+        line, support = fit_line(self.centres, found, expected, pitch, self.references)
+        return line, support, float(np.median([strength for _, strength in found]))
+
+
+def chain_weak_lines(
+    lines: list[tuple[float, float]],
+    supports: list[float],
+    darkness: list[float],
+    search: BandSearch,
+    pitch: float,
+    margin: float,
+) -> None:
+    """Search each weakly supported inner line again, one true pitch from a supported neighbour.
+
+    Even positions between the outer lines are off where one gap is much wider than the rest: the
+    centre gap parting a half-cut module's halves pushes the lines beyond it out of their search
+    window. Adjacent supported lines give the true pitch; a weak line found with more support one
+    such pitch from its neighbour replaces the first try. It stays within CHAIN_REACH of a pitch of
+    its even position and between its neighbours, so a wrong grid cannot walk along the real gaps
+    off its outline. Updates the three lists in place.
+    """
+    count = len(lines) - 1
+    middle = float(np.mean(search.centres))
+
+    def at_middle(k: int) -> float:
+        return lines[k][0] + lines[k][1] * middle
+
+    def strong(k: int) -> bool:
+        return 0 < k < count and supports[k - 1] >= MIN_CONFIDENCE
+
+    steps = [at_middle(k + 1) - at_middle(k) for k in range(1, count - 1) if strong(k) and strong(k + 1)]
+    if not steps:
+        return
+    true_pitch = float(np.median(steps))
+    changed = True
+    while changed:  # each pass makes at least one more line strong, or ends
+        changed = False
+        for k in range(1, count):
+            guesses = [at_middle(j) + (k - j) * true_pitch for j in (k - 1, k + 1) if strong(j)]
+            if strong(k) or not guesses:
+                continue
+            expected = float(np.mean(guesses))
+            if abs(expected - (margin + k * pitch)) > CHAIN_REACH * pitch:
+                continue
+            line, support, dark = search.line_near(expected, pitch)
+            position = line[0] + line[1] * middle
+            between = at_middle(k - 1) + 0.5 * true_pitch < position < at_middle(k + 1) - 0.5 * true_pitch
+            if support > supports[k - 1] and between:
+                lines[k], supports[k - 1], darkness[k - 1] = line, support, dark
+                changed = changed or strong(k)
 
 
 def hidden_support(
@@ -780,32 +850,92 @@ def gap_edges(
     `transposed` (their offsets are y).
     """
     pitch, pitch_across = pitches
-    margin_across = margins[1]
-    window = EDGE_WINDOW * pitch
-    # EDGE_STEP frame pixels apart, but at least 8 samples each side (a small module still has a
-    # floor and both cells' levels to read) and at most 2048 (a huge one stays bounded)
-    count = int(np.clip(round(window * native / EDGE_STEP), 8, 2048))
-    offsets = np.linspace(-window, window, 2 * count + 1)
-    along = _band_samples(across, pitch_across, margin_across)
+    along = _band_samples(across, pitch_across, margins[1])
     edges = []
     for k, (offset, slope) in enumerate(lines):
-        position = offset + slope * along  # the line's offset at each sample along it
+        side: GapSide = "both" if 0 < k < len(lines) - 1 else ("after" if k == 0 else "before")
+        sampled = LineSamples(grey, from_rect, (offset, slope), along, transposed)
+        before, after = gap_sides(sampled, side, EDGE_WINDOW * pitch, MAX_EDGE_WINDOW * pitch, native)
+        edges.append(((offset + before, slope), (offset + after, slope)))
+    return [(edges[k][1], edges[k + 1][0]) for k in range(len(lines) - 1)]
+
+
+def gap_sides(
+    sampled: LineSamples, side: GapSide, window: float, widest: float, native: float
+) -> tuple[float, float]:
+    """(before, after) edges of one line's gap, read in a window doubled up to `widest` until it
+    holds the whole gap; a gap no window holds (a faint one) keeps the first window's reading.
+
+    Only gaps between cells widen: beyond the outer lines lie the module's frame and the
+    background, whose own steps a wide window would take for the cells' edge.
+    """
+    profile, offsets = sampled.profile(window, native)
+    first = profile_edges(profile, offsets, side)
+    if side != "both":
+        return first
+    edges = first
+    while not gap_fits(profile, offsets, edges):
+        if window >= widest:
+            return first
+        window = min(2 * window, widest)
+        profile, offsets = sampled.profile(window, native)
+        edges = profile_edges(profile, offsets, side)
+    return edges
+
+
+@dataclass(frozen=True)
+class LineSamples:
+    """Where one line (rectified coordinates) runs through the frame, to read profiles across it."""
+
+    grey: np.ndarray
+    from_rect: np.ndarray
+    line: Line
+    along: np.ndarray  # positions along the line to sample at
+    transposed: bool  # a horizontal line: its offsets are y
+
+    def profile(self, window: float, native: float) -> tuple[np.ndarray, np.ndarray]:
+        """The median profile across the line within +- `window` (rectified pixels), and its offsets."""
+        # EDGE_STEP frame pixels apart, but at least 8 samples each side (a small module still has a
+        # floor and both cells' levels to read) and at most 2048 (a huge one stays bounded)
+        count = int(np.clip(round(window * native / EDGE_STEP), 8, 2048))
+        offsets = np.linspace(-window, window, 2 * count + 1)
+        offset, slope = self.line
+        position = offset + slope * self.along  # the line's offset at each sample along it
         rect_a = position[None, :] + offsets[:, None]  # (offsets, samples) across the line
-        rect_b = np.broadcast_to(along[None, :], rect_a.shape)
-        points = np.stack([rect_b, rect_a] if transposed else [rect_a, rect_b], axis=-1)
-        in_frame = cv2.perspectiveTransform(points.reshape(-1, 1, 2), from_rect).reshape(*rect_a.shape, 2)
+        rect_b = np.broadcast_to(self.along[None, :], rect_a.shape)
+        points = np.stack([rect_b, rect_a] if self.transposed else [rect_a, rect_b], axis=-1)
+        in_frame = cv2.perspectiveTransform(points.reshape(-1, 1, 2), self.from_rect).reshape(
+            *rect_a.shape, 2
+        )
         levels = cv2.remap(
-            grey,
+            self.grey,
             in_frame[..., 0].astype(np.float32),
             in_frame[..., 1].astype(np.float32),
             cv2.INTER_LINEAR,
             borderMode=cv2.BORDER_REPLICATE,
         )
-        profile = np.median(levels.astype(np.float32), axis=1)
-        side: GapSide = "both" if 0 < k < len(lines) - 1 else ("after" if k == 0 else "before")
-        before, after = profile_edges(profile, offsets, side)
-        edges.append(((offset + before, slope), (offset + after, slope)))
-    return [(edges[k][1], edges[k + 1][0]) for k in range(len(lines) - 1)]
+        return np.median(levels.astype(np.float32), axis=1), offsets
+
+
+def gap_fits(profile: np.ndarray, offsets: np.ndarray, edges: tuple[float, float]) -> bool:
+    """Did the window hold the whole gap between two cells: both cells in view, both edges in its
+    inner half?
+
+    The cells' level is read in the window's outer part. Where that part is no brighter than the
+    floor (the gap fills the window and reads as faint), still holds some of the floor (the gap
+    reaches into it), or an edge lies out there, the window is narrower than the gap.
+    """
+    reach = 0.5 * float(offsets[-1])
+    floor = float(profile[np.abs(offsets) <= reach].min())
+    outer = np.abs(offsets) >= 0.6 * offsets[-1]
+    for cells in (outer & (offsets < 0), outer & (offsets > 0)):
+        level = float(np.median(profile[cells]))
+        if level - floor < MIN_EDGE_CONTRAST * max(level, 8.0):
+            return False
+        if float(profile[cells].min()) - floor < 0.5 * (level - floor):
+            return False
+    before, after = edges
+    return -reach < before < 0.0 < after < reach
 
 
 def _band_samples(across: int, pitch_across: float, margin_across: float) -> np.ndarray:

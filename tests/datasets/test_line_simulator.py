@@ -59,6 +59,27 @@ def test_posts_frames_to_the_module_route() -> None:
     assert len({r.headers["x-frame-id"] for r in seen}) == 3
 
 
+def test_half_cut_line_gets_half_cut_modules_it_can_cut() -> None:
+    from model.geometry import cut_module
+
+    bodies: list[bytes] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.content)
+        return httpx.Response(200, json={"verdict": "PASS"})
+
+    argv = ["--rate", "500", "--count", "2", "--rows", "6", "--cols", "24", "--cell-px", "120", "--half-cut"]
+    cells = load_elpv(indices=np.arange(40))
+    client = httpx.Client(transport=httpx.MockTransport(answer))
+    assert simulator.run(simulator.parse_args(argv), cells, client=client) == {"PASS": 2}
+    for body in bodies:
+        image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_GRAYSCALE)
+        # 24 half cells of 60 px across, 6 whole-height ones down: wider than tall by about 2:1
+        assert 1.5 < image.shape[1] / image.shape[0] < 3.2
+        geometry = cut_module(image, 6, 24, 64)
+        assert geometry.ok and len(geometry.cells) == 144, geometry.reason
+
+
 def test_unreachable_service_is_counted_not_raised() -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from datasets.elpv import ElpvCells, load_elpv
-from datasets.synthetic import FrameSpec, generate_frames, random_spec, render_frame
+from datasets.synthetic import HALF_CUT_GRIDS, FrameSpec, generate_frames, random_spec, render_frame
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,30 @@ def test_defect_rate_builds_mostly_functional_modules() -> None:
     assert all(n <= 3 for n in flawed)
     assert 0.1 < np.mean([n > 0 for n in flawed]) < 0.3
     assert all(set(cells.probabilities[m]) <= {0.0, 2 / 3, 1.0} for m in modules)
+
+
+@pytest.mark.parametrize(("rows", "cols", "parts"), [(6, 24, {"left", "right"}), (20, 6, {"top", "bottom"})])
+def test_half_cut_module_places_halves_with_a_wider_centre_gap(
+    cells: ElpvCells, rows: int, cols: int, parts: set[str]
+) -> None:
+    spec = FrameSpec(rows=rows, cols=cols, cell_px=80, ribbons=False, half_cut=True)
+    frame = render_frame(cells, spec, np.random.default_rng(5))
+    assert len(frame.cells) == rows * cols and {cell.part for cell in frame.cells} == parts
+    landscape = cols > rows
+    first = frame.cells[0].polygon
+    size = (first[1, 0] - first[0, 0], first[3, 1] - first[0, 1])
+    # halves split across the long axis: narrow on a landscape grid, short on a portrait one
+    assert size == ((40, 80) if landscape else (80, 40))
+    # along the long axis (no rotation: frame axes), the gaps between consecutive halves
+    line = [c for c in frame.cells if (c.row if landscape else c.col) == 0]
+    starts = np.array([c.polygon[0, 0 if landscape else 1] for c in line])
+    gaps = np.diff(starts) - 40
+    centre = len(gaps) // 2
+    assert gaps[centre] >= 0.06 * 80 > np.delete(gaps, centre).max()
+
+
+def test_half_cut_share_mixes_half_cut_modules_in(cells: ElpvCells) -> None:
+    frames = list(generate_frames(cells, 12, seed=4, cell_px=(40.0, 60.0), half_cut_share=0.5))
+    half_cut = [frame for frame in frames if frame.spec.half_cut]
+    assert 0 < len(half_cut) < len(frames)
+    assert all((frame.rows, frame.cols) in HALF_CUT_GRIDS for frame in half_cut)

@@ -381,6 +381,33 @@ def test_grid_coarser_or_finer_than_the_cells_is_refused(
     assert geometry.cells == []
 
 
+# --- half-cut modules ------------------------------------------------------------------------------
+
+
+def test_half_cut_modules_centres_within_tolerance(cells: ElpvCells) -> None:
+    # 120/144 half cells, landscape and portrait, with the wider gap between the module's halves
+    # (up to a quarter of a half cell: the lines past it lie outside the first search window)
+    frames = list(generate_frames(cells, 8, seed=11, cell_px=(120.0, 200.0), half_cut_share=1.0))
+    assert {(f.rows, f.cols) for f in frames} >= {(6, 24), (20, 6)}
+    for number, frame in enumerate(frames):
+        geometry = cut_module(frame.image, frame.rows, frame.cols, CELL)
+        if number < 2:
+            save_picture(f"half-cut-{number}", frame.image, geometry)
+        assert geometry.ok, f"frame {number} ({frame.spec}): {geometry.reason}"
+        worst = float(centre_errors(frame, geometry).max())
+        assert worst <= TOLERANCE, f"frame {number} ({frame.spec}): worst centre error {worst:.3f}"
+
+
+def test_half_cut_module_read_as_full_cells_is_refused(cells: ElpvCells) -> None:
+    spec = FrameSpec(rows=6, cols=24, cell_px=160, rotation_deg=3, noise_sigma=2, half_cut=True)
+    frame = render_frame(cells, spec, np.random.default_rng(2))
+    assert cut_module(frame.image, 6, 24, CELL).ok
+    geometry = cut_module(frame.image, 6, 12, CELL)  # the line configured for whole cells
+    assert not geometry.ok and geometry.cells == []
+    assert "6x12 grid has gaps inside its cells" in (geometry.reason or "")
+    assert "half-cut" in (geometry.reason or "")
+
+
 @pytest.mark.parametrize(("rows", "cols"), [(3, 5), (3, 10), (12, 10), (6, 20)])
 def test_real_lab_frame_refuses_grids_coarser_or_finer(rows: int, cols: int) -> None:
     geometry = cut_module(read_frame("pvimage-A1-DH2000h-6x10.jpg"), rows, cols, CELL)
