@@ -84,14 +84,18 @@ def escape_rate_at_load(probabilities: np.ndarray, labels: np.ndarray, load: flo
 
     Two models with different REVIEW bands cannot be compared by their own escape rates: a band that
     flags every cell lets nothing escape. At the same review load, the comparison is of the models.
+    The model gets its best band for that load: it flags what lies above its (k+1)-th most suspicious
+    functional cell, k the functional cells the load allows, so a model compared with itself lets
+    through no more than its own band does.
     """
     functional, defective = probabilities[labels < 0.5], probabilities[labels >= 0.5]
     if not len(functional) or not len(defective):
         return None
-    if load >= 1.0:
+    allowed = int(np.floor(load * len(functional) + 1e-9))  # functional cells it may flag
+    if allowed >= len(functional):
         return 0.0
-    cut = float(np.quantile(functional, 1.0 - load, method="higher"))
-    return float((defective < cut).mean())
+    highest_unflagged = float(np.sort(functional)[::-1][allowed])
+    return float((defective <= highest_unflagged).mean())
 
 
 def held_out_sets(reviewed: list[Path], limit: int | None) -> dict[str, ElpvCells]:
