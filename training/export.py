@@ -112,7 +112,9 @@ def build_card(
             "config": config,
             "epochs_run": len(history),
             "seconds_training": round(sum(row["seconds"] for row in history), 1),
-            "hardware": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            # checkpoints from before training recorded it say only where the export ran
+            "hardware": state.get("training_hardware") or "not recorded by the checkpoint",
+            "exported_on": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "git_commit": git_commit(),
             "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "notes": notes,

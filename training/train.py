@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import platform
 import random
 import sys
 import time
@@ -219,8 +220,9 @@ def restore(
     model: CellClassifier,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.OneCycleLR,
-) -> tuple[int, float, list[dict[str, float]]]:
-    """Load a last.pt into a run built from the same config; returns (next epoch, best AUC, history)."""
+) -> tuple[int, float, list[dict[str, float]], str | None]:
+    """Load a last.pt into a run built from the same config; returns (next epoch, best AUC, history,
+    the hardware it was trained on so far)."""
     state = load_checkpoint(path)
     saved = state["config"]
     if "optimizer" not in state or "scheduler" not in state:
@@ -249,7 +251,19 @@ def restore(
         ) from exc
     scheduler.load_state_dict(state["scheduler"])
     log.info("resumed from %s after epoch %d", path, state["epoch"] + 1)
-    return state["epoch"] + 1, state["best_auc"], state["history"]
+    return state["epoch"] + 1, state["best_auc"], state["history"], state.get("training_hardware")
+
+
+def training_hardware(device: torch.device, world: int, earlier: str | None = None) -> str:
+    """What this run trains on, for the model card: the exporting machine is often another one."""
+    if device.type == "cuda":
+        here = f"{world} x {torch.cuda.get_device_name(device)}"
+    else:
+        cpu = f"{platform.machine()} {platform.processor()}".strip()
+        here = f"{world} CPU process(es) on {cpu}, {os.cpu_count()} cores"
+    if earlier and earlier != here and not earlier.endswith(f"resumed on {here}"):
+        return f"{earlier}; resumed on {here}"
+    return earlier or here
 
 
 # ------------------------------------------------------------------------------------------- evaluate
@@ -352,8 +366,12 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
     )
     first_epoch, best_auc = 0, -1.0
     history: list[dict[str, float]] = []
+    earlier_hardware = None
     if resume is not None:
-        first_epoch, best_auc, history = restore(resume, config, model, optimizer, scheduler)
+        first_epoch, best_auc, history, earlier_hardware = restore(
+            resume, config, model, optimizer, scheduler
+        )
+    hardware = training_hardware(device, world, earlier_hardware)
 
     writer = None
     if is_main:
@@ -438,6 +456,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
                 "best_auc": best_auc,
                 "history": history,
                 "weights_source": weights_source,
+                "training_hardware": hardware,
                 "reviewed_sets": reviewed_sources,
                 "validation": {
                     "names": val.names.tolist(),

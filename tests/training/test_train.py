@@ -89,3 +89,13 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     assert "world size 2" in done.stderr
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["epoch"] == 0
+
+
+def test_training_hardware_names_the_device_and_a_resume_elsewhere() -> None:
+    from training.train import training_hardware
+
+    here = training_hardware(torch.device("cpu"), 2)
+    assert here.startswith("2 CPU process(es) on ") and "cores" in here
+    assert training_hardware(torch.device("cpu"), 2, here) == here  # resumed on the same machine
+    moved = training_hardware(torch.device("cpu"), 2, "1 x NVIDIA H100 80GB HBM3")
+    assert moved == f"1 x NVIDIA H100 80GB HBM3; resumed on {here}"
