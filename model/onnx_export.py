@@ -131,8 +131,24 @@ def head_nodes(path: Path) -> list[str]:
     return names
 
 
+def stem_nodes(path: Path) -> list[str]:
+    """The first convolution, which reads the grey input itself (ONNX nodes are in topological order)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    return next(([node.name] for node in graph.node if node.op_type == "Conv"), [])
+
+
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration_cells: np.ndarray) -> Path:
-    """Static INT8 quantization (QDQ, per-channel weights) calibrated on training cells."""
+    """Static INT8 quantization (QDQ, per-channel 7-bit weights) calibrated on training cells.
+
+    Weights use 7 of their 8 bits (`reduce_range`): x86 CPUs without VNNI multiply u8 x s8 pairs into
+    saturating 16-bit sums, and with full-range weights 1.2.0's INT8 graph lost 4 points of test
+    accuracy on such a CPU (AMD EPYC, AVX2) while it tracked FP32 on an AVX-512 VNNI Xeon. The stem
+    convolution stays in float: it reads the grey levels themselves, and quantizing it raised the
+    INT8 graph's mean deviation from FP32 on validation cells from 0.018 to 0.031, for no measurable
+    speed.
+    """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -156,7 +172,8 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration_cells: np.ndarra
             weight_type=QuantType.QInt8,
             # the heat map and the final pooling stay in float: they are cheap, and quantizing the
             # probability itself would clip it to the calibration cells' range
-            nodes_to_exclude=head_nodes(fp32_path),
+            nodes_to_exclude=head_nodes(fp32_path) + stem_nodes(fp32_path),
+            reduce_range=True,
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         )
     finally:

