@@ -52,6 +52,7 @@ LOCATE_SIDE = 1024  # the long side of the copy the module is located on
 RECTIFIED_PITCH = 80  # pixels per cell (along x) in the rectified image the grid is searched in
 SEARCH_FRACTION = 0.13  # gap search window, +- this fraction of a pitch around the even position
 CHAIN_REACH = 0.3  # a weak line searched again from its neighbour stays this close to its even position
+MIN_CHAINED_STEP = 0.8  # ... and a line it moves keeps at least this many true pitches from its neighbours
 MIN_VALLEY_CONTRAST = 0.04  # weaker valleys do not steer a line (relative darkness)
 GAP_RELATIVE = 0.65  # ... and at least this fraction as dark as the band's darkest lines
 GAP_CONTRAST = 0.15  # a valley this dark is a gap between cells; texture and noise stay below 0.1
@@ -656,23 +657,29 @@ def chain_weak_lines(
     Even positions between the outer lines are off where one gap is much wider than the rest: the
     centre gap parting a half-cut module's halves pushes the lines beyond it out of their search
     window. Adjacent supported lines give the true pitch; a weak line found with more support one
-    such pitch from its neighbour replaces the first try. It stays within CHAIN_REACH of a pitch of
-    its even position and between its neighbours, so a wrong grid cannot walk along the real gaps
-    off its outline. Updates the three lists in place.
+    such pitch from its neighbour replaces the first try, within CHAIN_REACH of a pitch of its even
+    position. A grid of one cell too many or too few must not walk its lines onto the real gaps
+    this way until it looks supported: its true pitch differs from the even one by 1/count (one wide
+    gap: under 1.5 %), and the lines it moves squeeze the lines left between them (a wide gap only
+    widens one step), so either undoes the search. Updates the three lists in place.
     """
     count = len(lines) - 1
     middle = float(np.mean(search.centres))
+    found, support_of, dark_of = list(lines), list(supports), list(darkness)
 
     def at_middle(k: int) -> float:
-        return lines[k][0] + lines[k][1] * middle
+        return found[k][0] + found[k][1] * middle
 
     def strong(k: int) -> bool:
-        return 0 < k < count and supports[k - 1] >= MIN_CONFIDENCE
+        return 0 < k < count and support_of[k - 1] >= MIN_CONFIDENCE
 
     steps = [at_middle(k + 1) - at_middle(k) for k in range(1, count - 1) if strong(k) and strong(k + 1)]
     if not steps:
         return
     true_pitch = float(np.median(steps))
+    if abs(true_pitch / pitch - 1.0) > 0.5 / count:
+        return
+    moved: set[int] = set()
     changed = True
     while changed:  # each pass makes at least one more line strong, or ends
         changed = False
@@ -684,11 +691,17 @@ def chain_weak_lines(
             if abs(expected - (margin + k * pitch)) > CHAIN_REACH * pitch:
                 continue
             line, support, dark = search.line_near(expected, pitch)
-            position = line[0] + line[1] * middle
-            between = at_middle(k - 1) + 0.5 * true_pitch < position < at_middle(k + 1) - 0.5 * true_pitch
-            if support > supports[k - 1] and between:
-                lines[k], supports[k - 1], darkness[k - 1] = line, support, dark
+            if support > support_of[k - 1]:
+                found[k], support_of[k - 1], dark_of[k - 1] = line, support, dark
+                moved.add(k)
                 changed = changed or strong(k)
+    squeezed = any(
+        at_middle(b) - at_middle(a) < MIN_CHAINED_STEP * true_pitch
+        for k in moved
+        for a, b in ((k - 1, k), (k, k + 1))
+    )
+    if not squeezed:
+        lines[:], supports[:], darkness[:] = found, support_of, dark_of
 
 
 def hidden_support(

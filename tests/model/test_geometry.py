@@ -408,6 +408,29 @@ def test_half_cut_module_read_as_full_cells_is_refused(cells: ElpvCells) -> None
     assert "half-cut" in (geometry.reason or "")
 
 
+@pytest.mark.parametrize(
+    ("grid", "configured", "cell_px", "seed"),
+    [
+        ((6, 24), (6, 25), 120, 0),
+        ((6, 24), (6, 23), 120, 7),
+        ((6, 20), (6, 21), 140, 4),
+        ((24, 6), (25, 6), 120, 3),
+    ],
+)
+def test_half_cut_grid_one_cell_off_is_refused(
+    cells: ElpvCells, grid: tuple[int, int], configured: tuple[int, int], cell_px: int, seed: int
+) -> None:
+    # re-searching weak lines from their neighbours must not walk a miscounted grid onto the real
+    # gaps: each of these was accepted at confidence 0.58-0.69 before that was checked
+    spec = FrameSpec(
+        rows=grid[0], cols=grid[1], cell_px=cell_px, rotation_deg=2, noise_sigma=2, half_cut=True
+    )
+    frame = render_frame(cells, spec, np.random.default_rng(seed))
+    assert cut_module(frame.image, *grid, CELL).ok
+    geometry = cut_module(frame.image, *configured, CELL)
+    assert not geometry.ok and geometry.cells == [], f"accepted at confidence {geometry.confidence:.2f}"
+
+
 @pytest.mark.parametrize(("rows", "cols"), [(3, 5), (3, 10), (12, 10), (6, 20)])
 def test_real_lab_frame_refuses_grids_coarser_or_finer(rows: int, cols: int) -> None:
     geometry = cut_module(read_frame("pvimage-A1-DH2000h-6x10.jpg"), rows, cols, CELL)
