@@ -121,10 +121,14 @@ def escape_check(
     Returns the candidate's escape rate at that load and the reason for a refusal (None: passed).
     """
     active_load = review_load(probabilities["active"], labels, cards["active"])
-    active_escape = escape_rate(probabilities["active"], labels, cards["active"])
-    if active_load is None or active_escape is None:
+    if active_load is None:
         return None, None
+    # both at their best band for that load: the active model's own band may sit anywhere between two
+    # functional cells, and measuring only the candidate at its best would favour it
+    active_escape = escape_rate_at_load(probabilities["active"], labels, active_load)
     candidate_escape = escape_rate_at_load(probabilities["candidate"], labels, active_load)
+    if active_escape is None:
+        return None, None
     if candidate_escape is not None and candidate_escape > active_escape + rule.max_escape_increase + 1e-12:
         return candidate_escape, (
             f"escape rate {candidate_escape:.4f} at the active model's review load ({active_load:.1%} of "

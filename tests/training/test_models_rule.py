@@ -69,3 +69,16 @@ def test_a_worse_model_is_refused_at_equal_load() -> None:
     cards = {"active": card_with(points(0.5, 0.3)), "candidate": card_with(points(0.5, 0.3))}
     _at_load, refusal = escape_check({"active": good, "candidate": poor}, labels, cards, Rule())
     assert refusal is not None and "review load" in refusal
+
+
+def test_both_models_are_measured_at_their_best_band_for_the_load() -> None:
+    # the active band (0.45) sits well above its highest unflagged functional cell (0.1); a candidate
+    # that lets 3 defective cells through at any band for that load must not pass because the
+    # active model, measured at its own band, let 5 through that its best band would have caught
+    labels = np.concatenate([np.zeros(100), np.ones(20)])
+    functional = np.concatenate([np.full(90, 0.1), np.full(10, 0.5)])
+    active = np.concatenate([functional, np.full(5, 0.2), np.full(15, 0.9)])
+    candidate = np.concatenate([functional, np.full(3, 0.05), np.full(17, 0.9)])
+    cards = {"active": card_with(points(0.6, 0.45)), "candidate": card_with(points(0.6, 0.45))}
+    at_load, refusal = escape_check({"active": active, "candidate": candidate}, labels, cards, Rule())
+    assert at_load == 0.15 and refusal is not None and "vs active 0.0000" in refusal
