@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from model.preprocess import INPUT_SIZE
 from serving.db import make_engine
 from serving.images import ImageRejectedError, ImageType, decode_image
 from serving.review import CellLabel, ReviewedModule, ReviewedVerdict, cell_key, reviewed_labels
@@ -47,7 +48,7 @@ MANIFEST_FILE = "manifest.jsonl"
 EXPORTS_FILE = "exports.jsonl"
 CELLS_DIR = "cells"
 FORMAT = "pvqc-reviewed-1"
-DEFAULT_CELL_SIZE = 300  # ELPV's native size, what training reads
+DEFAULT_CELL_SIZE = INPUT_SIZE  # ELPV's native size, what training reads
 PAGE = 200
 
 

@@ -21,7 +21,7 @@ from serving.app import Services
 from serving.db import Inspection, InspectionCell, utcnow
 from serving.errors import ApiError
 from serving.events import InspectionCompleted, publish_safely
-from serving.images import DecodedImage, ImageRejectedError, decode_image, parse_content_type
+from serving.images import DecodedImage, ImageRejectedError, ImageType, decode_image, parse_content_type
 from serving.inference import ModelRuntime, QueueFullError
 from serving.schemas import InspectionOut, inspection_out
 from serving.store import find_existing, insert_inspection, sha256_hex
@@ -84,24 +84,22 @@ async def _inspect(
     clock = _Clock()
     # the model this request starts with judges it to the end, whatever a hot swap does meanwhile
     runtime = services.runtime
-    frames = services.frame_limiter  # decoding and cutting: the memory-heavy steps, bounded together
     try:
         image_type = parse_content_type(request.content_type)
-        decoded = await anyio.to_thread.run_sync(
-            decode_image, request.body, image_type, services.settings.max_pixels, limiter=frames
+        # decoded and cut in one go on one of frame_workers threads: the decoded frame is the big
+        # allocation, so it must not wait for a cutting thread while holding no token
+        decoded, cells = await anyio.to_thread.run_sync(
+            _decode_and_cut,
+            request.body,
+            image_type,
+            (kind, rows, cols, runtime.size),
+            services.settings.max_pixels,
+            clock,
+            limiter=services.frame_limiter,
         )
     except ImageRejectedError as exc:
         services.metrics.rejected.labels("image").inc()
         raise ApiError(exc.status, str(exc)) from exc
-    clock.lap("decode")
-    size = runtime.size
-    if kind is InspectionKind.MODULE:
-        cells = await anyio.to_thread.run_sync(
-            _cut_module, decoded, rows, cols, size, services.settings.max_pixels, limiter=frames
-        )
-    else:
-        cells = await anyio.to_thread.run_sync(_whole_cell, decoded, size, limiter=frames)
-    clock.lap("geometry")
     probabilities = await _probabilities(services, runtime, cells.images)
     clock.lap("inference")
     row = _inspection_row(runtime, request, kind, rows, cols, decoded, cells, probabilities)
@@ -117,6 +115,25 @@ async def _inspect(
     return inspection_out(stored, duplicate=not created)
 
 
+def _decode_and_cut(
+    body: bytes,
+    image_type: ImageType,
+    grid: tuple[InspectionKind, int, int, int],
+    max_pixels: int,
+    clock: _Clock,
+) -> tuple[DecodedImage, _Cells]:
+    """The frame decoded, then located and cut (module) or taken whole (cell) at the model's size."""
+    kind, rows, cols, size = grid
+    decoded = decode_image(body, image_type, max_pixels)
+    clock.lap("decode")
+    if kind is InspectionKind.MODULE:
+        cells = _cut_module(decoded, rows, cols, size, max_pixels)
+    else:
+        cells = _whole_cell(decoded, size)
+    clock.lap("geometry")
+    return decoded, cells
+
+
 def _cut_module(decoded: DecodedImage, rows: int, cols: int, size: int, max_pixels: int) -> _Cells:
     from model.geometry import cut_module  # imported here: geometry pulls in more than the rest needs
 
@@ -130,7 +147,8 @@ def _cut_module(decoded: DecodedImage, rows: int, cols: int, size: int, max_pixe
         geometry_ok=geometry.ok,
         confidence=geometry.confidence,
         reason=geometry.reason,
-        modules_in_view=geometry.modules_in_view,
+        # refused before any module was located: how many were in view is not known
+        modules_in_view=geometry.modules_in_view if geometry.corners is not None else None,
         notes=list(geometry.notes),
     )
 

@@ -88,6 +88,7 @@ def test_frame_that_is_not_a_module_is_review_never_pass(client: TestClient) -> 
     assert result["verdict"] == "REVIEW"
     assert result["geometry_ok"] is False and result["reason"]
     assert result["cells"] == []
+    assert result["modules_in_view"] is None  # refused before any module was located
 
 
 def test_second_module_in_view_is_named_and_only_the_largest_is_judged(client: TestClient) -> None:
