@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 
 from datasets.elpv import DatasetError, ElpvCells
+from model.preprocess import INPUT_SIZE
 
 MANIFEST_FILE = "manifest.jsonl"
 REVIEWED_TYPE = "reviewed"
 TEST_FRACTION = 0.2
 VALIDATION_FRACTION = 0.15
-CELL_SIZE = 300
 
 
 class Part(enum.StrEnum):
@@ -68,7 +68,7 @@ def module_part(
     return Part.TRAIN
 
 
-def load_reviewed(folder: Path, part: Part | None = None, size: int = CELL_SIZE) -> ElpvCells:
+def load_reviewed(folder: Path, part: Part | None = None, size: int = INPUT_SIZE) -> ElpvCells:
     """The cells of one export folder (only those of `part`, when given) as (N, size, size) uint8."""
     import cv2
 

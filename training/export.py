@@ -241,8 +241,12 @@ def requantize(
         "notes": " ".join(part for part in (str(card.provenance.get("notes", "")), notes) if part),
         "sha256": {FP32_FILE: sha256(fp32), INT8_FILE: sha256(out / INT8_FILE)},
     }
-    metrics = {key: value for key, value in card.metrics.items() if key != "test"}
-    release = card.model_copy(update={"version": version, "provenance": provenance, "metrics": metrics})
+    # the source's test figures are of its own INT8 graph: this release earns its own by evaluating
+    metrics = {key: value for key, value in card.metrics.items() if key not in ("test", "test_tta_views")}
+    files = {"fp32": FP32_FILE, "int8": INT8_FILE}  # the names written here, whatever the source used
+    release = card.model_copy(
+        update={"version": version, "provenance": provenance, "metrics": metrics, "files": files}
+    )
     write_card(release, out)
     if evaluate:
         from training.evaluate import evaluate_release
