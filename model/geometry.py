@@ -341,19 +341,18 @@ def fit_side(points: np.ndarray, tolerance: float, tries: int = 128) -> np.ndarr
         return None
     rng = np.random.default_rng(0)
     pairs = rng.integers(0, len(points), size=(tries, 2))
-    best, best_count = None, 0
-    for i, j in pairs:
-        direction = points[j] - points[i]
-        length = float(np.hypot(*direction))
-        if length < 4 * tolerance:
-            continue
-        normal = np.array([-direction[1], direction[0]]) / length
-        count = int((np.abs((points - points[i]) @ normal) <= tolerance).sum())
-        if count > best_count:
-            best, best_count = (points[i], normal), count
-    if best is None:
+    origins = points[pairs[:, 0]].astype(np.float64)
+    directions = points[pairs[:, 1]] - origins
+    lengths = np.hypot(directions[:, 0], directions[:, 1])
+    usable = lengths >= 4 * tolerance  # two points too close together say nothing about a direction
+    if not usable.any():
         return None
-    origin, normal = best
+    normals = np.stack([-directions[:, 1], directions[:, 0]], axis=1) / np.maximum(lengths, 1e-9)[:, None]
+    # every try at once: (tries, points) distances; the first try with the most inliers wins
+    offsets = normals @ points.T.astype(np.float64) - np.sum(normals * origins, axis=1)[:, None]
+    counts = np.where(usable, (np.abs(offsets) <= tolerance).sum(axis=1), -1)
+    best = int(np.argmax(counts))
+    origin, normal = origins[best], normals[best]
     inliers = points[np.abs((points - origin) @ normal) <= tolerance].astype(np.float32)
     return cv2.fitLine(inliers, cv2.DIST_L2, 0, 0.01, 0.01).reshape(4).astype(np.float64)
 
@@ -818,18 +817,21 @@ def robust_line(
     weight within `tolerance` wins, then least squares on its inliers. A band whose darkest valley is
     a crack or a busbar is an outlier this drops, where a first least-squares fit would tilt towards it.
     """
-    candidates = [(float(p), 0.0) for p in positions]
-    for i in range(len(at)):
-        for j in range(i + 1, len(at)):
-            if at[j] != at[i]:
-                slope = float((positions[j] - positions[i]) / (at[j] - at[i]))
-                candidates.append((float(positions[i] - slope * at[i]), slope))
+    first, second = np.triu_indices(len(at), k=1)
+    distinct = at[second] != at[first]
+    first, second = first[distinct], second[distinct]
+    pair_slopes = (positions[second] - positions[first]) / (at[second] - at[first])
+    slopes = np.concatenate([np.zeros(len(positions)), pair_slopes])
+    offsets = np.concatenate([positions, positions[first] - pair_slopes * at[first]])
     # Perspective is already corrected: only a slight tilt is believable.
-    candidates = [(o, s) for o, s in candidates if abs(s) <= MAX_LINE_SLOPE]
-    if not candidates:
+    believable = np.abs(slopes) <= MAX_LINE_SLOPE
+    slopes, offsets = slopes[believable], offsets[believable]
+    if not len(slopes):
         return float(np.median(positions)), 0.0
-    scores = [float(weights[np.abs(positions - (o + s * at)) <= tolerance].sum()) for o, s in candidates]
-    offset, slope = candidates[int(np.argmax(scores))]
+    residuals = np.abs(positions[None, :] - (offsets[:, None] + slopes[:, None] * at[None, :]))
+    scores = ((residuals <= tolerance) * weights[None, :]).sum(axis=1)
+    best = int(np.argmax(scores))
+    offset, slope = float(offsets[best]), float(slopes[best])
     inliers = np.abs(positions - (offset + slope * at)) <= tolerance
     if inliers.sum() >= 3:
         slope, offset = (float(v) for v in np.polyfit(at[inliers], positions[inliers], 1, w=weights[inliers]))
