@@ -638,7 +638,7 @@ class BandSearch:
 
     def line_near(self, expected: float, pitch: float) -> tuple[tuple[float, float], float, float]:
         """The line through the bands' valleys near `expected`: (offset, slope), support, darkness."""
-        found = [best_valley(strength, expected, self.window) for strength in self.strengths]
+        found = band_valleys(np.asarray(self.strengths), expected, self.window)
         line, support = fit_line(self.centres, found, expected, pitch, self.references)
         return line, support, float(np.median([strength for _, strength in found]))
 
@@ -719,6 +719,7 @@ def hidden_support(
     as on its own lines. Needs count >= 2: the band's gap darkness is the yardstick.
     """
     best = 0.0
+    stacked = np.asarray(strengths)
     for parts in SUBDIVISIONS:
         fine = pitch / parts
         window = max(2, round(SEARCH_FRACTION * fine))
@@ -726,7 +727,7 @@ def hidden_support(
         for k in range(count):
             for j in range(1, parts):
                 expected = margin + (k + j / parts) * pitch
-                found = [best_valley(strength, expected, window) for strength in strengths]
+                found = band_valleys(stacked, expected, window)
                 _, support = fit_line(centres, found, expected, fine, references)
                 supports.append(support)
         best = max(best, float(np.mean(supports)))
@@ -782,6 +783,25 @@ def best_valley(strength: np.ndarray, expected: float, window: int) -> tuple[flo
     curvature = left - 2 * centre + right
     shift = 0.5 * (left - right) / curvature if curvature < -1e-9 else 0.0
     return i + float(np.clip(shift, -0.5, 0.5)), float(centre)
+
+
+def band_valleys(strengths: np.ndarray, expected: float, window: int) -> list[tuple[float, float]]:
+    """best_valley for every band (a row of `strengths`, all of one length) at once."""
+    bands, length = strengths.shape
+    lo = max(1, round(expected) - window)
+    hi = min(length - 1, round(expected) + window + 1)
+    if hi <= lo:
+        return [(expected, 0.0)] * bands
+    offsets = np.arange(lo, hi) - expected
+    prior = 1.0 - 0.3 * (offsets / window) ** 2  # as in best_valley
+    rows = np.arange(bands)
+    at = np.argmax(strengths[:, lo:hi] * prior[None, :], axis=1) + lo
+    left, centre, right = strengths[rows, at - 1], strengths[rows, at], strengths[rows, at + 1]
+    curvature = left - 2 * centre + right
+    peaked = curvature < -1e-9
+    shift = np.where(peaked, 0.5 * (left - right) / np.where(peaked, curvature, -1.0), 0.0)
+    positions = at + np.clip(shift, -0.5, 0.5)
+    return [(float(x), float(c)) for x, c in zip(positions, centre, strict=True)]
 
 
 def fit_line(

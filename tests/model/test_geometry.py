@@ -449,3 +449,15 @@ def test_module_filling_the_picture_askew_is_refused_not_cut_evenly(
     geometry = cut_module(frame.image, 6, 10, CELL)
     assert not geometry.ok and geometry.cells == []
     assert "leave a dark margin" in (geometry.reason or "") or "check the line's" in (geometry.reason or "")
+
+
+def test_band_valleys_match_best_valley_band_by_band() -> None:
+    from model.geometry import band_valleys, best_valley
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        length, bands = int(rng.integers(5, 300)), int(rng.integers(1, 12))
+        strengths = rng.random((bands, length)).astype(np.float32) * (rng.random() > 0.1)
+        expected, window = float(rng.uniform(-5, length + 5)), int(rng.integers(1, 40))
+        one_by_one = [best_valley(strength, expected, window) for strength in strengths]
+        np.testing.assert_allclose(band_valleys(strengths, expected, window), one_by_one, atol=1e-5)
