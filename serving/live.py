@@ -167,6 +167,7 @@ class LiveEvents:
         self.resyncs = 0  # clients that fell behind, since start (a load test wants none)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._computing: asyncio.Future[list[dict[str, Any]]] | None = None  # the snapshot query in flight
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -179,6 +180,11 @@ class LiveEvents:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._computing is not None:
+            # A cancelled refresher leaves its query running in its thread: wait for it, so no
+            # transaction outlives the service (its engine is disposed next, and a query still
+            # holding table locks deadlocked a DROP TABLE in the tests' teardown).
+            await asyncio.wait([self._computing])
         for client in list(self.clients):
             self.disconnect(client)
         await self.broker.stop()
@@ -218,7 +224,9 @@ class LiveEvents:
         if not lines:
             return
         now = datetime.now(UTC)
-        snapshots = await anyio.to_thread.run_sync(self._compute, lines, now)
+        # its own future, shielded: cancelling the refresher must not lose track of the thread
+        self._computing = asyncio.get_running_loop().run_in_executor(None, self._compute, lines, now)
+        snapshots = await asyncio.shield(self._computing)
         for snapshot in snapshots:
             line_id = snapshot["line_id"]
             if self._sent.get(line_id) == snapshot:

@@ -420,3 +420,28 @@ def test_redis_broker_carries_events_between_replicas(make_settings: MakeSetting
         first_hub = first.app.state.services.live  # type: ignore[attr-defined]
         # ids come from one Redis counter: both replicas name the same event the same way
         assert first_hub.latest["L1"].id == hub.latest["L1"].id
+
+
+def test_stop_waits_for_the_snapshot_query_in_flight(make_settings: MakeSettings) -> None:
+    # a query still running after the service stopped held table locks and deadlocked the
+    # PostgreSQL tests' DROP TABLE; stop() must return only once it has finished
+    from serving.live import InProcessBroker, LiveEvents
+
+    started, finished = threading.Event(), threading.Event()
+
+    class SlowLive(LiveEvents):
+        def _compute(self, lines: list[str], now: datetime) -> list[dict[str, Any]]:
+            started.set()
+            time.sleep(0.5)
+            finished.set()
+            return []
+
+    async def run() -> bool:
+        live = SlowLive(make_settings(), None, InProcessBroker())  # type: ignore[arg-type]
+        await live.start()
+        while not started.is_set():  # the first pass computes every line at once
+            await asyncio.sleep(0.01)
+        await live.stop()
+        return finished.is_set()
+
+    assert asyncio.run(run()) is True
