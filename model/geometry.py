@@ -612,7 +612,7 @@ def grid_lines(
                 lines.append((expected, 0.0))
                 continue
             rising = k == 0
-            found = [best_edge(profile, expected, window, rising) for profile in profiles]
+            found = steepest_steps(profiles, expected, window, rising)
             line, _ = fit_line(centres, found, expected, pitch)
         else:
             line, support, dark = search.line_near(expected, pitch)
@@ -763,37 +763,28 @@ def gap_reference(strength: np.ndarray, gaps: int) -> float:
     return float(np.median(np.sort(peaks)[-gaps:]))
 
 
-def best_edge(profile: np.ndarray, expected: float, window: int, rising: bool) -> tuple[float, float]:
-    """Sub-pixel position and relative height of the steepest step into the cells near `expected`."""
-    gradient = np.gradient(profile) / max(float(np.percentile(profile, 90)), 8.0)
-    return best_valley(gradient if rising else -gradient, expected, window)
-
-
-def best_valley(strength: np.ndarray, expected: float, window: int) -> tuple[float, float]:
-    """Sub-pixel position and strength of the strongest valley within +-window of `expected`."""
-    lo = max(1, round(expected) - window)
-    hi = min(len(strength) - 1, round(expected) + window + 1)
-    if hi <= lo:
-        return expected, 0.0
-    offsets = np.arange(lo, hi) - expected
-    # A mild pull towards the even position: a busbar as dark as the gap loses to the gap.
-    prior = 1.0 - 0.3 * (offsets / window) ** 2
-    i = int(np.argmax(strength[lo:hi] * prior)) + lo
-    left, centre, right = strength[i - 1], strength[i], strength[i + 1]
-    curvature = left - 2 * centre + right
-    shift = 0.5 * (left - right) / curvature if curvature < -1e-9 else 0.0
-    return i + float(np.clip(shift, -0.5, 0.5)), float(centre)
+def steepest_steps(
+    profiles: list[np.ndarray], expected: float, window: int, rising: bool
+) -> list[tuple[float, float]]:
+    """Per band: sub-pixel position and relative height of the steepest step into the cells near
+    `expected`."""
+    gradients = np.stack(
+        [np.gradient(profile) / max(float(np.percentile(profile, 90)), 8.0) for profile in profiles]
+    )
+    return band_valleys(gradients if rising else -gradients, expected, window)
 
 
 def band_valleys(strengths: np.ndarray, expected: float, window: int) -> list[tuple[float, float]]:
-    """best_valley for every band (a row of `strengths`, all of one length) at once."""
+    """Per band (a row of `strengths`, all of one length): sub-pixel position and strength of the
+    strongest valley within +-window of `expected`."""
     bands, length = strengths.shape
     lo = max(1, round(expected) - window)
     hi = min(length - 1, round(expected) + window + 1)
     if hi <= lo:
         return [(expected, 0.0)] * bands
     offsets = np.arange(lo, hi) - expected
-    prior = 1.0 - 0.3 * (offsets / window) ** 2  # as in best_valley
+    # A mild pull towards the even position: a busbar as dark as the gap loses to the gap.
+    prior = 1.0 - 0.3 * (offsets / window) ** 2
     rows = np.arange(bands)
     at = np.argmax(strengths[:, lo:hi] * prior[None, :], axis=1) + lo
     left, centre, right = strengths[rows, at - 1], strengths[rows, at], strengths[rows, at + 1]

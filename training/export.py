@@ -73,6 +73,15 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def release_hashes(out: Path) -> dict[str, str]:
+    """The card's record of the ONNX files it describes; promotion checks them."""
+    return {name: sha256(out / name) for name in (FP32_FILE, INT8_FILE)}
+
+
+def exporting_machine() -> str:
+    return f"{platform.machine()} {platform.processor() or ''}".strip()
+
+
 def operating_points(probabilities: np.ndarray, labels: np.ndarray, how: str) -> OperatingPoints:
     """Threshold and review threshold from validation probabilities obtained `how`."""
     threshold = accuracy_threshold(probabilities, labels)
@@ -127,7 +136,7 @@ def build_card(
             "seconds_training": round(sum(row["seconds"] for row in history), 1),
             # checkpoints from before training recorded it say only where the export ran
             "hardware": state.get("training_hardware") or "not recorded by the checkpoint",
-            "exported_on": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "exported_on": exporting_machine(),
             "git_commit": git_commit(),
             "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "notes": notes,
@@ -189,7 +198,7 @@ def main(
     quantize_int8(fp32, out / INT8_FILE, calibration.images)
     probabilities, labels, how = validation_as_served(state["validation"], fp32, root)
     card = build_card(state, version, operating_points(probabilities, labels, how), parity, notes)
-    card.provenance["sha256"] = {FP32_FILE: sha256(fp32), INT8_FILE: sha256(out / INT8_FILE)}
+    card.provenance["sha256"] = release_hashes(out)
     write_card(card, out)
     if evaluate:
         from training.evaluate import evaluate_release
@@ -237,9 +246,9 @@ def requantize(
         "requantized_from": f"{card.name} {card.version}: its FP32 graph, byte for byte",
         "git_commit": git_commit(),
         "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "exported_on": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "exported_on": exporting_machine(),
         "notes": " ".join(part for part in (str(card.provenance.get("notes", "")), notes) if part),
-        "sha256": {FP32_FILE: sha256(fp32), INT8_FILE: sha256(out / INT8_FILE)},
+        "sha256": release_hashes(out),
     }
     # the source's test figures are of its own INT8 graph: this release earns its own by evaluating
     metrics = {key: value for key, value in card.metrics.items() if key not in ("test", "test_tta_views")}
@@ -273,26 +282,10 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.from_release is not None:
-            card = requantize(
-                args.from_release,
-                args.out,
-                args.version,
-                args.evaluate,
-                args.tta,
-                args.calibration_cells,
-                args.notes,
-            )
-        else:
-            card = main(
-                args.checkpoint,
-                args.out,
-                args.version,
-                args.evaluate,
-                args.tta,
-                args.calibration_cells,
-                args.notes,
-            )
+        make, source = (requantize, args.from_release) if args.from_release else (main, args.checkpoint)
+        card = make(
+            source, args.out, args.version, args.evaluate, args.tta, args.calibration_cells, args.notes
+        )
     except (WeightsError, DatasetError, ExportError, CardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

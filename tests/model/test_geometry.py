@@ -451,13 +451,18 @@ def test_module_filling_the_picture_askew_is_refused_not_cut_evenly(
     assert "leave a dark margin" in (geometry.reason or "") or "check the line's" in (geometry.reason or "")
 
 
-def test_band_valleys_match_best_valley_band_by_band() -> None:
-    from model.geometry import band_valleys, best_valley
+def test_band_valleys_find_each_bands_valley_to_a_fraction_of_a_pixel() -> None:
+    from model.geometry import band_valleys
 
-    rng = np.random.default_rng(0)
-    for _ in range(100):
-        length, bands = int(rng.integers(5, 300)), int(rng.integers(1, 12))
-        strengths = rng.random((bands, length)).astype(np.float32) * (rng.random() > 0.1)
-        expected, window = float(rng.uniform(-5, length + 5)), int(rng.integers(1, 40))
-        one_by_one = [best_valley(strength, expected, window) for strength in strengths]
-        np.testing.assert_allclose(band_valleys(strengths, expected, window), one_by_one, atol=1e-5)
+    x = np.arange(200, dtype=np.float64)
+    peaks = np.array([90.3, 101.7, 95.0])
+    strengths = np.stack([np.clip(1.0 - ((x - peak) / 2.0) ** 2, 0.0, None) for peak in peaks])
+    found = band_valleys(strengths, expected=96.0, window=10)
+    assert np.allclose([position for position, _ in found], peaks, atol=0.05)
+    assert all(strength > 0.9 for _, strength in found)
+    # two equal valleys in the window: the one nearer the expected position wins
+    twin = np.zeros((1, 200))
+    twin[0, [88, 99]] = 1.0
+    assert band_valleys(twin, expected=97.0, window=12)[0][0] == 99.0
+    # a window outside the profile finds nothing there
+    assert band_valleys(twin, expected=-50.0, window=10) == [(-50.0, 0.0)]
