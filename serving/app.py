@@ -130,6 +130,24 @@ def served_model_dir(settings: Settings) -> Path:
     return settings.model_dir
 
 
+async def finish_background(tasks: set[asyncio.Task[None]], grace_seconds: float) -> None:
+    """Let background work (shadow scoring) finish before the database goes away.
+
+    Each task ends in a worker thread that writes its row, and a thread cannot be cancelled: a
+    cancelled task would leave its thread writing while the engine is disposed (and, in tests, while
+    the tables are dropped). So the tasks get a grace period to finish, and only the ones still
+    running after it are cancelled, and awaited.
+    """
+    pending = list(tasks)
+    if not pending:
+        return
+    _, late = await asyncio.wait(pending, timeout=grace_seconds)
+    for task in late:
+        log.warning("%s did not finish within %.1f s: cancelled", task.get_name(), grace_seconds)
+        task.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
+
+
 def stop_services(services: Services) -> None:
     services.batcher.stop()
     services.engine.dispose()
@@ -156,8 +174,7 @@ def create_app(settings: Settings | None = None, publisher: EventPublisher | Non
             app.state.services = services
             yield
         finally:
-            for task in list(services.tasks):
-                task.cancel()
+            await finish_background(services.tasks, settings.shutdown_grace_seconds)
             if follow is not None:
                 follow.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -96,6 +96,9 @@ class Settings(BaseSettings):
         default=800, ge=1, description="cells waiting beyond this -> 503 (about 90 kB each at 300 px)"
     )
     retry_after_seconds: int = Field(default=2, ge=1)
+    shutdown_grace_seconds: float = Field(
+        default=10.0, ge=0.0, description="how long shutdown waits for background work (shadow scoring)"
+    )
 
     # statistics
     stats_default_last: int = Field(default=100, ge=1)

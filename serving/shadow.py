@@ -34,7 +34,9 @@ def shadow_later(
     images: list[np.ndarray],
 ) -> None:
     """Schedule the shadow's scoring of a just-stored inspection; the task is kept until done."""
-    task = asyncio.create_task(score_in_shadow(services, shadow, inspection, grey, images))
+    task = asyncio.create_task(
+        score_in_shadow(services, shadow, inspection, grey, images), name=f"pvqc-shadow-{inspection.id}"
+    )
     services.tasks.add(task)
     task.add_done_callback(services.tasks.discard)
 

@@ -152,3 +152,38 @@ def test_a_batch_never_mixes_two_models(tiny_model: Path) -> None:
     for i, outputs in results:
         assert np.all(outputs["probability"] == sessions[i % 2].value)
     assert sum(sessions[0].calls) == sum(sessions[1].calls) == 30
+
+
+def test_shutdown_waits_for_the_shadow_row_being_written(
+    make_settings: MakeSettings, registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the shadow's row is written in a worker thread that cancelling cannot stop: shutdown must let it
+    # finish before the engine is disposed (a PostgreSQL test's teardown would otherwise drop the
+    # tables under it)
+    import serving.app
+    import serving.shadow
+
+    events: list[str] = []
+    real_store, real_stop = serving.shadow.store_shadow, serving.app.stop_services
+
+    def slow_store(*args: Any) -> None:
+        events.append("storing")
+        time.sleep(0.5)
+        real_store(*args)
+        events.append("stored")
+
+    def recording_stop(services: Any) -> None:
+        events.append("stopped")
+        real_stop(services)
+
+    monkeypatch.setattr(serving.shadow, "store_shadow", slow_store)
+    monkeypatch.setattr(serving.app, "stop_services", recording_stop)
+    registry.set_shadow("2.0.0")
+    settings = make_settings(model_dir=tmp_path / "unused", model_registry=registry.root)
+    with TestClient(create_app(settings), headers=AUTH) as client:
+        post(client, "S1", MID)
+        deadline = time.monotonic() + 10
+        while "storing" not in events:
+            assert time.monotonic() < deadline, "the shadow never started storing"
+            time.sleep(0.01)
+    assert events == ["storing", "stored", "stopped"]
