@@ -162,18 +162,34 @@ def test_engineer_corrects_a_cell_with_the_keyboard(browser: Any, site: dict[str
     page.keyboard.press("Escape")
     page.keyboard.press("Enter")
     page.wait_for_function("() => document.getElementById('status').textContent.startsWith('saved')")
+    # the mid-grey cell at 0,1 is still 'uncertain': no module verdict is implied, none was saved
+    assert "undecided: 1 uncertain cell left" in page.text_content("#module-choice")
+    trail = api.get("/review/decisions", params={"inspection_id": flagged}).json()
+    assert [(d["target"], d["row"], d["col"], d["after"].get("label"), d["reviewer"]) for d in trail] == [
+        ("cell", 3, 7, "functional", "eng")
+    ]
+    assert trail[0]["before"]["label"] == "defective" and trail[0]["note"] == "bright spot from a reflection"
+
+    page.keyboard.press("n")  # on to the uncertain cell, also functional
+    assert "row 0, col 1" in page.text_content("#cell-facts")
+    page.keyboard.press("f")
+    assert page.text_content("#module-choice") == "PASS (from cell labels)"
+    page.keyboard.press("j")  # moving on would drop the unsaved label: the page asks first
+    assert "1 unsaved label(s)" in page.text_content("#status")
+    assert "row 0, col 1" in page.text_content("#cell-facts")
+    page.keyboard.press("s")
+    page.wait_for_function("() => document.getElementById('module-choice').textContent === 'PASS (saved)'")
     shoot(page, "review.png")
     page.close()
 
     trail = api.get("/review/decisions", params={"inspection_id": flagged}).json()
-    cells = [d for d in trail if d["target"] == "cell"]
-    assert [(d["row"], d["col"], d["after"]["label"], d["reviewer"]) for d in cells] == [
-        (3, 7, "functional", "eng")
+    assert [(d["target"], d["row"], d["col"]) for d in trail] == [
+        ("cell", 3, 7),
+        ("module", None, None),  # one save writes the module first, then its cells
+        ("cell", 0, 1),
     ]
-    assert cells[0]["before"]["label"] == "defective" and cells[0]["note"] == "bright spot from a reflection"
-    module = [d for d in trail if d["target"] == "module"]
-    # the mid-grey cell at 0,1 is still 'uncertain', not defective: the module follows the labels
-    assert module and module[0]["after"]["verdict"] == "PASS" and module[0]["before"]["verdict"] == "FAIL"
+    module = trail[1]
+    assert module["after"]["verdict"] == "PASS" and module["before"]["verdict"] == "FAIL"
 
 
 def test_a_line_key_cannot_open_the_review_page(browser: Any, site: dict[str, Any]) -> None:

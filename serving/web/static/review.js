@@ -11,6 +11,7 @@
     selected: null, // [row, col]
     changes: new Map(), // "row,col" -> {label, defect_type} not yet saved
     module: null, // "PASS" | "FAIL" chosen explicitly, or null
+    warnedUnsaved: false, // j / k was pressed once with unsaved labels
     nextBefore: null,
   };
   const $ = (id) => document.getElementById(id);
@@ -69,6 +70,16 @@
     });
   }
 
+  // moving on with unsaved labels asks once: the second j / k discards them
+  async function leaveFor(i) {
+    if (state.changes.size && !state.warnedUnsaved) {
+      state.warnedUnsaved = true;
+      $("status").textContent = `${state.changes.size} unsaved label(s): press s to save them, or j / k again to discard`;
+      return;
+    }
+    await openAt(i);
+  }
+
   async function openAt(i) {
     if (i < 0 || i >= state.queue.length) return;
     state.index = i;
@@ -81,6 +92,7 @@
     state.open = await pvqc.api(`/review/inspections/${id}`);
     history.replaceState(null, "", `#inspection=${id}`);
     state.changes.clear();
+    state.warnedUnsaved = false;
     state.module = null;
     $("note").value = "";
     const cells = state.open.inspection.cells;
@@ -221,7 +233,7 @@
       }
       panel.appendChild(dl);
     }
-    $("module-choice").textContent = moduleVerdict() ? `${moduleVerdict()}${state.module ? "" : " (from cell labels)"}` : "–";
+    $("module-choice").textContent = moduleText();
     const changes = $("changes");
     changes.replaceChildren();
     for (const [k, v] of state.changes) {
@@ -231,12 +243,40 @@
     }
   }
 
-  // the module verdict to save: the engineer's choice, else FAIL if any cell is (now) defective
+  // the module decision saved earlier, if any (a model verdict is not a decision)
+  const savedModule = () => (state.open?.module_label.source === "review" ? state.open.module_label.verdict : null);
+
+  // the verdict the cell labels in force imply, once every cell has a definite label: a PASS implied
+  // while uncertain cells remain would teach the next model that cells nobody looked at are functional
+  function impliedVerdict() {
+    const cells = state.open?.inspection.cells || [];
+    if (!cells.length) return null; // nothing was cut: only the engineer can say
+    const labels = cells.map((c) => labelOf(c.row, c.col).label);
+    if (labels.some((l) => l !== "functional" && l !== "defective")) return null;
+    return labels.includes("defective") ? "FAIL" : "PASS";
+  }
+
+  // the module verdict to save: the engineer's choice (p / x); else, if no module decision is saved yet,
+  // what the cell labels imply; a saved decision is only ever changed by pressing p or x
   function moduleVerdict() {
     if (!state.open) return null;
     if (state.module) return state.module;
-    const defective = state.open.inspection.cells.some((c) => labelOf(c.row, c.col).label === "defective");
-    return defective ? "FAIL" : "PASS";
+    return savedModule() ? null : impliedVerdict();
+  }
+
+  function moduleText() {
+    if (!state.open) return "–";
+    if (state.module) return `${state.module} (your choice)`;
+    const saved = savedModule();
+    const implied = impliedVerdict();
+    if (saved) {
+      return implied && implied !== saved ? `${saved} (saved; the cell labels now say ${implied}: press p or x)` : `${saved} (saved)`;
+    }
+    if (implied) return `${implied} (from cell labels)`;
+    const cells = state.open.inspection.cells;
+    if (!cells.length) return "undecided: no cells were cut; press p or x";
+    const left = cells.filter((c) => !["functional", "defective"].includes(labelOf(c.row, c.col).label)).length;
+    return `undecided: ${left} uncertain cell${left === 1 ? "" : "s"} left; label them or press p / x`;
   }
 
   function select(r, c) {
@@ -258,12 +298,17 @@
   function label(labelName, defectType = null) {
     if (!state.selected) return;
     state.changes.set(key(...state.selected), { label: labelName, defect_type: defectType });
+    state.warnedUnsaved = false;
     drawModule();
     drawSide();
   }
 
   async function save() {
     if (!state.open) return;
+    if (!moduleVerdict() && !state.changes.size) {
+      $("status").textContent = "nothing to save: label cells (f, 1-5) or choose the module (p / x)";
+      return;
+    }
     const body = {
       module: moduleVerdict(),
       cells: [...state.changes].map(([k, v]) => {
@@ -282,7 +327,7 @@
       await openInspection(id, true);
       $("status").textContent = `saved ${saved.length} decision(s) for ${state.open.inspection.serial}`;
       const item = state.queue.find((q) => q.inspection_id === id);
-      if (item) item.reviewed = { verdict: body.module };
+      if (item && body.module) item.reviewed = { verdict: body.module };
       drawQueue();
     } catch (error) {
       $("status").textContent = `not saved: ${error.message}`;
@@ -338,8 +383,8 @@
     if (event.ctrlKey || event.metaKey || event.altKey) return;
     const [r, c] = state.selected || [0, 0];
     const actions = {
-      j: () => openAt(state.index + 1),
-      k: () => openAt(state.index - 1),
+      j: () => leaveFor(state.index + 1),
+      k: () => leaveFor(state.index - 1),
       ArrowUp: () => select(r - 1, c),
       ArrowDown: () => select(r + 1, c),
       ArrowLeft: () => select(r, c - 1),
