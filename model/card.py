@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,8 @@ class OperatingPoints(BaseModel):
         return self
 
     def judge(self, probability: float) -> CellVerdict:
+        if not math.isfinite(probability):  # NaN compares false with both thresholds: never functional
+            return CellVerdict.UNCERTAIN
         if probability >= self.threshold:
             return CellVerdict.DEFECTIVE
         if probability >= self.review_threshold:

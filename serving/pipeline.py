@@ -8,6 +8,8 @@ answers, and the inspection-completed event is published after that commit.
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -26,6 +28,8 @@ from serving.inference import ModelRuntime, QueueFullError
 from serving.schemas import InspectionOut, inspection_out
 from serving.store import find_existing, insert_inspection, sha256_hex
 from serving.verdicts import InspectionKind, ModuleVerdict, module_verdict
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ async def _inspect(
         find_existing, services.sessions, request.line_id, request.serial, request.frame_id
     )
     if earlier is not None:  # a re-post (e.g. a retry after a lost response): answer, never count twice
-        return inspection_out(earlier, duplicate=True)
+        return inspection_out(_same_frame(earlier, request), duplicate=True)
     if not services.batcher.has_room(rows * cols):
         _queue_full(services, f"{services.batcher.pending_cells} cells already waiting")
     clock = _Clock()
@@ -101,6 +105,7 @@ async def _inspect(
         services.metrics.rejected.labels("image").inc()
         raise ApiError(exc.status, str(exc)) from exc
     probabilities = await _probabilities(services, runtime, cells.images)
+    _refuse_non_finite(services, runtime, probabilities)
     clock.lap("inference")
     row = _inspection_row(runtime, request, kind, rows, cols, decoded, cells, probabilities)
     stored, created = await anyio.to_thread.run_sync(_persist, services, request.body, decoded, row, clock)
@@ -112,7 +117,44 @@ async def _inspect(
             from serving.shadow import shadow_later
 
             shadow_later(services, shadow, stored, decoded.grey, cells.images)
-    return inspection_out(stored, duplicate=not created)
+    return inspection_out(stored if created else _same_frame(stored, request), duplicate=not created)
+
+
+def _same_frame(earlier: Inspection, request: FrameRequest) -> Inspection:
+    """The stored inspection a re-post names, if the re-post carries the same image.
+
+    A retry after a lost response sends the same bytes and gets the stored answer. Different bytes
+    under the same (line, serial, frame id) are a new shot: answering with the old verdict would
+    tell the line about an image nobody judged, so it is refused.
+    """
+    digest = sha256_hex(request.body)
+    if earlier.frame_sha256 != digest:
+        raise ApiError(
+            409,
+            f"frame {request.frame_id!r} of module {request.serial!r} on line {request.line_id} was "
+            f"already judged from another image (sha256 {earlier.frame_sha256[:12]}..., this one "
+            f"{digest[:12]}...): post a new shot under a new X-Frame-Id",
+        )
+    return earlier
+
+
+def _refuse_non_finite(services: Services, runtime: ModelRuntime, probabilities: list[float]) -> None:
+    """A model that answers NaN or infinity cannot judge: no verdict, and certainly no PASS.
+
+    NaN compares false with every threshold, so it would read as a functional cell; PostgreSQL would
+    store it and SQLite would refuse it. The line gets a 500 naming the model, and the frame is not
+    stored as judged.
+    """
+    broken = sum(1 for p in probabilities if not math.isfinite(p))
+    if broken:
+        services.metrics.rejected.labels("model_output").inc()
+        card = runtime.card
+        log.error("model %s %s gave %d non-finite probabilities", card.name, card.version, broken)
+        raise ApiError(
+            500,
+            f"model {card.name} {card.version} gave no finite probability for {broken} of "
+            f"{len(probabilities)} cell(s); nothing was judged or stored",
+        )
 
 
 def _decode_and_cut(

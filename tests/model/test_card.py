@@ -21,6 +21,8 @@ def points() -> OperatingPoints:
         (0.19, CellVerdict.FUNCTIONAL),
         (0.2, CellVerdict.UNCERTAIN),
         (0.6, CellVerdict.DEFECTIVE),
+        (float("nan"), CellVerdict.UNCERTAIN),  # compares false with every threshold: never functional
+        (float("inf"), CellVerdict.UNCERTAIN),
     ],
 )
 def test_operating_points_judge_cells(probability: float, verdict: CellVerdict) -> None:

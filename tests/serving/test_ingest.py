@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -139,6 +140,35 @@ def test_repost_of_the_same_frame_returns_the_stored_result_once(client: TestCli
         'pvqc_verdicts_total{kind="module",line="L1",model_version="0.0.0-test",verdict="FAIL"} 2.0'
         in metrics
     )
+
+
+def test_repost_with_another_image_under_the_same_ids_is_refused(client: TestClient) -> None:
+    first = post_module(client, png(module_frame(levels())), serial="S7", frame="A")
+    reshot = post_module(client, png(module_frame(levels(r2c3=DARK))), serial="S7", frame="A")
+    assert (first.status_code, first.json()["verdict"]) == (201, "PASS")
+    # the old PASS must not answer for a frame nobody judged
+    assert reshot.status_code == 409, reshot.text
+    assert "already judged from another image" in reshot.json()["error"]
+    assert "new X-Frame-Id" in reshot.json()["error"]
+    assert len(client.get("/inspections", params={"line_id": "L1"}).json()["items"]) == 1
+
+
+class NanSession:
+    """Stands in for a broken model's InferenceSession: NaN for every cell."""
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        n = len(next(iter(feeds.values())))
+        return [np.full(n, np.nan, np.float32), np.zeros((n, 4, 4), np.float32)]
+
+
+def test_a_model_answering_nan_judges_nothing(client: TestClient) -> None:
+    services = client.app.state.services  # type: ignore[attr-defined]
+    services.runtime = replace(services.runtime, session=NanSession())
+    response = post_module(client, png(module_frame(levels(r1c1=DARK))), serial="NAN")
+    assert response.status_code == 500, response.text
+    assert "no finite probability for 60 of 60 cell(s)" in response.json()["error"]
+    assert client.get("/inspections", params={"line_id": "L1"}).json()["items"] == []
+    assert 'pvqc_rejected_requests_total{reason="model_output"} 1.0' in client.get("/metrics").text
 
 
 def test_grid_comes_from_the_line_or_the_query(client: TestClient) -> None:
