@@ -33,12 +33,28 @@ def shadow_later(
     grey: np.ndarray,
     images: list[np.ndarray],
 ) -> None:
-    """Schedule the shadow's scoring of a just-stored inspection; the task is kept until done."""
+    """Schedule the shadow's scoring of a just-stored inspection; the task is kept until done.
+
+    At most `in_flight_limit` scorings wait at once: each holds its cells (and, when the shadow's
+    input size differs, the whole frame), so under sustained load the shadow skips frames rather
+    than letting memory grow.
+    """
+    limit = in_flight_limit(services)
+    if len(services.tasks) >= limit:
+        log.info("shadow skipped inspection %d: %d scorings already in flight", inspection.id, limit)
+        return
+    # the frame is only needed to cut cells at another size; otherwise it is not kept alive
+    frame = None if images and images[0].shape[-1] == shadow.size else grey
     task = asyncio.create_task(
-        score_in_shadow(services, shadow, inspection, grey, images), name=f"pvqc-shadow-{inspection.id}"
+        score_in_shadow(services, shadow, inspection, frame, images), name=f"pvqc-shadow-{inspection.id}"
     )
     services.tasks.add(task)
     task.add_done_callback(services.tasks.discard)
+
+
+def in_flight_limit(services: Services) -> int:
+    """Two scorings per frame worker: enough to keep up when the line leaves room, no backlog."""
+    return 2 * services.settings.resolved_frame_workers
 
 
 def cut_for(shadow: ModelRuntime, grey: np.ndarray, polygons: list[Any]) -> np.ndarray:
@@ -52,14 +68,14 @@ async def score_in_shadow(
     services: Services,
     shadow: ModelRuntime,
     inspection: Inspection,
-    grey: np.ndarray,
+    grey: np.ndarray | None,
     images: list[np.ndarray],
 ) -> None:
     try:
         if not services.batcher.has_room(len(images)):
             log.info("shadow skipped inspection %d: the batcher is busy", inspection.id)
             return
-        if images[0].shape[-1] == shadow.size:
+        if grey is None:  # the served cells are at the shadow's size already
             cells = np.stack(images)
         else:
             polygons = [cell.polygon for cell in inspection.cells]

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -55,7 +56,7 @@ def post(client: TestClient, serial: str, level: int = BRIGHT) -> dict[str, Any]
 def test_promotion_and_rollback_switch_the_served_model(client: TestClient, registry: Registry) -> None:
     assert client.get("/models").json()["active"]["version"] == "1.0.0"
     assert post(client, "A")["model"]["version"] == "1.0.0"
-    registry.promote("2.0.0")
+    registry.promote("2.0.0", force=True)  # the swap is tested here, not the evaluation
     reloaded = client.post("/models/reload").json()
     assert reloaded["swapped"] and reloaded["active"]["version"] == "2.0.0"
     assert post(client, "B")["model"]["version"] == "2.0.0"
@@ -66,7 +67,7 @@ def test_promotion_and_rollback_switch_the_served_model(client: TestClient, regi
 
 
 def test_a_broken_version_keeps_the_current_model(client: TestClient, registry: Registry) -> None:
-    registry.promote("2.0.0")
+    registry.promote("2.0.0", force=True)  # the swap is tested here, not the evaluation
     (registry.root / "2.0.0" / "model.onnx").write_bytes(b"not onnx")  # broken after promotion
     assert not client.post("/models/reload").json()["swapped"]
     assert post(client, "A")["model"]["version"] == "1.0.0"
@@ -85,7 +86,7 @@ def test_replicas_sharing_the_registry_all_follow_it(
         TestClient(create_app(replicas[1]), headers=AUTH) as two,
     ):
         assert post(one, "A")["model"]["version"] == post(two, "A")["model"]["version"] == "1.0.0"
-        registry.promote("2.0.0")
+        registry.promote("2.0.0", force=True)  # the swap is tested here, not the evaluation
         deadline = time.monotonic() + 10
         for client in (one, two):
             while client.get("/models").json()["active"]["version"] != "2.0.0":
@@ -187,3 +188,30 @@ def test_shutdown_waits_for_the_shadow_row_being_written(
             assert time.monotonic() < deadline, "the shadow never started storing"
             time.sleep(0.01)
     assert events == ["storing", "stored", "stopped"]
+
+
+def test_the_shadow_skips_frames_beyond_its_in_flight_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import serving.shadow
+
+    frames_kept: list[bool] = []
+
+    async def slow_scoring(services: Any, shadow: Any, inspection: Any, grey: Any, images: Any) -> None:
+        frames_kept.append(grey is not None)
+        await asyncio.sleep(0.05)
+
+    monkeypatch.setattr(serving.shadow, "score_in_shadow", slow_scoring)
+    services = SimpleNamespace(settings=SimpleNamespace(resolved_frame_workers=1), tasks=set())
+    frame, cells = np.zeros((64, 64), np.uint8), [np.zeros((8, 8), np.uint8)]
+
+    async def post_five() -> None:
+        for i in range(5):
+            same_size = SimpleNamespace(size=8)
+            serving.shadow.shadow_later(services, same_size, SimpleNamespace(id=i), frame, cells)  # type: ignore[arg-type]
+        assert len(services.tasks) == 2  # two per frame worker; the other three frames were skipped
+        await asyncio.gather(*services.tasks)
+        serving.shadow.shadow_later(services, SimpleNamespace(size=16), SimpleNamespace(id=9), frame, cells)  # type: ignore[arg-type]
+        await asyncio.gather(*services.tasks)
+
+    asyncio.run(post_five())
+    # the frame is held only when the shadow must cut its own cells at another size
+    assert frames_kept == [False, False, True]
