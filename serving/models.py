@@ -39,6 +39,19 @@ def wanted_models(registry: Registry) -> Wanted:
     return Wanted(active, shadow)
 
 
+def folder_fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and modification times of a version folder's files (blocking).
+
+    A version that failed to load is tried again once this changes: a file that was still being
+    copied onto a shared volume, or a fixed one, must not stay refused until a restart.
+    """
+    try:
+        stats = [(path.name, path.stat()) for path in folder.iterdir() if path.is_file()]
+    except OSError:
+        return ()
+    return tuple(sorted((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats))
+
+
 def same_folder(runtime: ModelRuntime | None, folder: Path | None) -> bool:
     if runtime is None or folder is None:
         return runtime is None and folder is None
@@ -52,12 +65,24 @@ class ModelFollower:
         self.services = services
         self.registry = registry
         self._lock = asyncio.Lock()
-        self._failed: dict[Path, str] = {}  # folder -> why it could not be loaded (not retried each poll)
+        # folder -> (its files when it failed, why): not retried each poll, only when its files change
+        self._failed: dict[Path, tuple[tuple[tuple[str, int, int], ...], str]] = {}
         self.swaps = 0
 
-    async def check(self) -> bool:
-        """Load and switch to what the registry names, if it changed; True when something was swapped."""
+    @property
+    def failures(self) -> dict[str, str]:
+        """Versions the registry names that could not be loaded, and why (for `GET /models`)."""
+        return {str(folder): why for folder, (_, why) in self._failed.items()}
+
+    async def check(self, retry_failed: bool = False) -> bool:
+        """Load and switch to what the registry names, if it changed; True when something was swapped.
+
+        `retry_failed` (an explicit reload) tries versions that failed before even if their files
+        look unchanged.
+        """
         async with self._lock:
+            if retry_failed:
+                self._failed.clear()
             try:
                 wanted = await anyio.to_thread.run_sync(wanted_models, self.registry)
             except (RegistryError, OSError) as exc:
@@ -87,17 +112,20 @@ class ModelFollower:
             return swapped
 
     async def _load(self, folder: Path) -> ModelRuntime | None:
-        if folder in self._failed:
+        files = await anyio.to_thread.run_sync(folder_fingerprint, folder)
+        if folder in self._failed and self._failed[folder][0] == files:
             return None
         settings = self.services.settings
         try:
-            return await anyio.to_thread.run_sync(
+            runtime = await anyio.to_thread.run_sync(
                 load_runtime, folder, settings.model_variant, settings.session_threads
             )
         except Exception as exc:  # a broken version never stops the service: it keeps the old model
-            self._failed[folder] = str(exc)
+            self._failed[folder] = (files, str(exc))
             log.error("cannot load model %s, keeping the current one: %s", folder, exc)
             return None
+        self._failed.pop(folder, None)
+        return runtime
 
     async def run(self) -> None:
         period = self.services.settings.registry_poll_seconds

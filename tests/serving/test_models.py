@@ -66,11 +66,25 @@ def test_promotion_and_rollback_switch_the_served_model(client: TestClient, regi
     assert client.get("/inspections/1").json()["model"]["version"] == "1.0.0"  # stored as judged
 
 
-def test_a_broken_version_keeps_the_current_model(client: TestClient, registry: Registry) -> None:
+def test_a_broken_version_keeps_the_current_model_until_it_is_fixed(
+    client: TestClient, registry: Registry
+) -> None:
     registry.promote("2.0.0", force=True)  # the swap is tested here, not the evaluation
-    (registry.root / "2.0.0" / "model.onnx").write_bytes(b"not onnx")  # broken after promotion
-    assert not client.post("/models/reload").json()["swapped"]
+    graph = registry.root / "2.0.0" / "model.onnx"
+    good = graph.read_bytes()
+    graph.write_bytes(b"not onnx")  # broken after promotion (say, still being copied)
+    reloaded = client.post("/models/reload").json()
+    assert not reloaded["swapped"] and reloaded["active"]["version"] == "1.0.0"
+    assert list(reloaded["load_failures"]) == [str(registry.root / "2.0.0")]
     assert post(client, "A")["model"]["version"] == "1.0.0"
+    follower = client.app.state.services.follower  # type: ignore[attr-defined]
+    assert client.portal.call(follower.check) is False  # type: ignore[union-attr]  # unchanged: not retried
+
+    graph.write_bytes(good)  # fixed: the next poll tries again, no restart or reload needed
+    assert client.portal.call(follower.check) is True  # type: ignore[union-attr]
+    served = client.get("/models").json()
+    assert served["active"]["version"] == "2.0.0" and served["load_failures"] == {}
+    assert post(client, "B")["model"]["version"] == "2.0.0"
 
 
 def test_replicas_sharing_the_registry_all_follow_it(
