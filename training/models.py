@@ -5,8 +5,8 @@ both models score the same held-out cells (the ELPV test split and the test modu
 which training never saw), each at its own card's threshold; the report (`evaluation/report.json` and
 `report.md` in the candidate's folder) gives the metrics side by side, the cells where they disagree
 and which way each flips, and the promotion rule's verdict, which the registry records: `promote`
-refuses a candidate the rule refused (unless --force), and always refuses one whose card lacks
-fields or whose ONNX fails parity.
+refuses a candidate that has no evaluation against the current active version or that the rule
+refused (unless --force), and always refuses one whose card lacks fields or whose ONNX fails parity.
 
 The rule (configurable): on either held-out set the candidate, with a review band that flags as many
 functional cells as the active model's does, lets through no larger a share of defective cells than
@@ -52,13 +52,16 @@ class Rule:
 
 def predict_folder(folder: Path, card: ModelCard, images: np.ndarray, tta: bool) -> np.ndarray:
     """FP32 probabilities of a version for (N, S, S) cells, resized to its card's input size."""
-    from model.onnx_export import onnx_probabilities, onnx_session
+    from model.onnx_export import ModelFileError, onnx_probabilities, onnx_session
     from model.preprocess import dihedral_view, resize_cell
 
     size = card.input.size
     if images.shape[-1] != size:
         images = np.stack([resize_cell(image, size) for image in images]) if len(images) else images
-    session = onnx_session(card.onnx_path(folder, "fp32"))
+    try:
+        session = onnx_session(card.onnx_path(folder, "fp32"))
+    except ModelFileError as exc:  # a RegistryError, so `pvqc models` ends with one line, not a traceback
+        raise RegistryError(f"cannot evaluate {folder.name}: {exc}") from exc
     views = range(8) if tta else range(1)
     return np.mean([onnx_probabilities(session, dihedral_view(images, v)) for v in views], axis=0)
 
@@ -305,9 +308,17 @@ def cli(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--tta", action="store_true", help="average over the 8 dihedral views")
     evaluate.add_argument("--max-escape-increase", type=float, default=0.0)
     evaluate.add_argument("--min-reviewed-gain", type=float, default=0.0)
-    promote = commands.add_parser("promote", help="make VERSION active (after the card and parity checks)")
+    promote = commands.add_parser(
+        "promote",
+        help="make VERSION active (after the card and parity checks and, once a version is active, "
+        "an evaluation against it)",
+    )
     promote.add_argument("version")
-    promote.add_argument("--force", action="store_true", help="promote although the evaluation refused it")
+    promote.add_argument(
+        "--force",
+        action="store_true",
+        help="promote without an evaluation against the active version, or although it refused VERSION",
+    )
     promote.add_argument("--note", default="")
     rollback = commands.add_parser("rollback", help="re-activate the version the last promotion replaced")
     rollback.add_argument("--note", default="")
