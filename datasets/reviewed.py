@@ -2,10 +2,15 @@
 
 Owns: reading that format (`manifest.jsonl` + `cells/*.png`, see serving/export_reviewed.py; this
 module never touches the service's database code), checking each file against its sha256, and the
-split by module: every module (line + serial) falls wholly into train, validation or test, decided
-by a hash of its name, so a module never has cells on both sides and a module keeps its side when
+split by module: every module (a record's `module`, the module serial: one id factory-wide, so a
+module re-tested on a rework line is still one module) falls wholly into train, validation or test,
+decided by a hash of it, so a module never has cells on both sides and a module keeps its side when
 later exports add more modules. Cells come back as `ElpvCells` (labels 1.0 / 0.0, type "reviewed",
 names carrying provenance), so training and evaluation take them like ELPV cells.
+
+Format pvqc-reviewed-1 named modules line/serial, so a re-tested module's inspections were split
+independently (leakage). Its manifests are refused, not re-split by serial: a model card names its
+reviewed data by the manifest's sha256, and one manifest must always give the same split.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from datasets.elpv import DatasetError, ElpvCells
 from model.preprocess import INPUT_SIZE
 
 MANIFEST_FILE = "manifest.jsonl"
+FORMAT = "pvqc-reviewed-2"  # serving/export_reviewed.py's FORMAT (this package may not import serving)
+OLD_FORMATS = ("pvqc-reviewed-1",)
 REVIEWED_TYPE = "reviewed"
 TEST_FRACTION = 0.2
 VALIDATION_FRACTION = 0.15
@@ -48,6 +55,13 @@ def read_manifest(folder: Path) -> list[dict[str, Any]]:
         for key in ("file", "sha256", "label", "module"):
             if key not in record:
                 raise DatasetError(f"{path}:{number} lacks {key!r}")
+        # a record without a format is hand-written: its `module` must name the module, as FORMAT's do
+        if record.get("format", FORMAT) != FORMAT:
+            why = " (its split is keyed on line/serial)" if record["format"] in OLD_FORMATS else ""
+            raise DatasetError(
+                f"{path}:{number} is format {record['format']!r}{why}; expected {FORMAT}: "
+                "re-export it with pvqc export-reviewed into a new folder"
+            )
         if record["label"] not in ("functional", "defective"):
             raise DatasetError(
                 f"{path}:{number}: expected label functional or defective, got {record['label']!r}"
@@ -59,7 +73,7 @@ def read_manifest(folder: Path) -> list[dict[str, Any]]:
 def module_part(
     module: str, test_fraction: float = TEST_FRACTION, validation_fraction: float = VALIDATION_FRACTION
 ) -> Part:
-    """Which side a module falls on: a fixed function of its name, so it never moves."""
+    """Which side a module (its serial) falls on: a fixed function of its name, so it never moves."""
     bucket = int(hashlib.sha256(module.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
     if bucket < test_fraction:
         return Part.TEST

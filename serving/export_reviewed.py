@@ -4,10 +4,13 @@ Owns: the export format that `datasets/reviewed.py` reads, and writing it from t
 - `cells/<inspection>_r<row>_c<col>.png`: each labelled cell, cut from the stored frame with the
   stored polygon by `model.geometry.resample_cell`, the function serving's geometry cut it with;
 - `manifest.jsonl`: one JSON object per cell, sorted by (inspection, row, col): the file and its
-  sha256, the label (functional / defective, defect type), where the label came from, and provenance
+  sha256, the label (functional / defective, defect type), where the label came from, `module` (the
+  module's serial: the key `datasets/reviewed.py` splits train / validation / test on) and provenance
   (inspection id, line, serial, frame sha256, polygon, model version and probability, reviewer,
   decision id and time);
-- `exports.jsonl`: one line per export run (when, how many cells new, reused, dropped).
+- `export.json`: what the folder holds: the format and the line filter it was exported with;
+- `exports.jsonl`: one line per export run (when, format, line filter, how many cells new, reused,
+  dropped).
 
 Labels: a cell an engineer labelled takes that label (the latest decision wins). A module decided
 PASS makes its other cells functional; a module decided FAIL confirms the model's clear verdicts
@@ -15,7 +18,13 @@ of its other cells (uncertain ones stay out: nobody said what they are).
 
 Incremental and reproducible: a cell whose file is already there with the same frame, polygon and
 size is not cut again; the manifest is rewritten whole from the database, so labels changed by later
-decisions are current, and the same database gives byte-identical files.
+decisions are current, and the same database gives byte-identical files. That is why a folder keeps
+the line filter of its first export and refuses another one (see `check_folder`).
+
+Split key: the module serial alone, the factory-wide id of the physical module. A module re-tested on
+a rework line (L2/X after L1/X) is one module, so all its inspections fall on one side of the split;
+keyed on line + serial (format pvqc-reviewed-1) its cells could be trained on and tested on. Folders
+of that format are refused here and by the reader rather than mixed with the new key.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from model.preprocess import INPUT_SIZE
@@ -45,11 +56,17 @@ from serving.verdicts import InspectionKind
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.jsonl"
+FOLDER_FILE = "export.json"
 EXPORTS_FILE = "exports.jsonl"
 CELLS_DIR = "cells"
-FORMAT = "pvqc-reviewed-1"
+# 2: `module` is the serial alone (1 keyed the split on line/serial); datasets/reviewed.py reads this
+FORMAT = "pvqc-reviewed-2"
 DEFAULT_CELL_SIZE = INPUT_SIZE  # ELPV's native size, what training reads
 PAGE = 200
+
+
+class ExportError(Exception):
+    """The export folder cannot take this export; the message says what was expected."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +126,45 @@ def read_manifest(folder: Path) -> dict[str, dict[str, Any]]:
     return {record["file"]: record for record in records}
 
 
+def describe_filter(line_id: str | None) -> str:
+    return "all lines (no --line)" if line_id is None else f"--line {line_id}"
+
+
+def check_folder(out: Path, line_id: str | None) -> dict[str, Any]:
+    """What `out` must record in FOLDER_FILE after this export; ExportError when it cannot take it.
+
+    A folder keeps the line filter of its first export. The manifest is rewritten whole from the
+    query (that keeps labels current and the files reproducible), so exporting `--line L1` into a
+    folder of all lines would drop the other lines' cells from the manifest while their PNGs stay,
+    and training would silently see fewer cells. Keeping the other lines' earlier records instead
+    would freeze their labels at an older export. ML staff who want one line export it to a folder
+    of its own; refusing says so before anything is written.
+    """
+    wanted = {"format": FORMAT, "line": line_id}
+    path = out / FOLDER_FILE
+    if not path.is_file():
+        if (out / MANIFEST_FILE).exists() or (out / EXPORTS_FILE).exists():
+            raise ExportError(
+                f"{out} holds an export of an older format (pvqc-reviewed-1: split keyed on line/serial, "
+                f"no {FOLDER_FILE}); expected a folder of format {FORMAT}: export into a new folder"
+            )
+        return wanted
+    try:
+        recorded = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path} is not valid JSON ({exc}); expected the folder's format and line") from exc
+    if not isinstance(recorded, dict) or recorded.get("format") != FORMAT:
+        found = recorded.get("format") if isinstance(recorded, dict) else recorded
+        raise ExportError(f"{path} says format {found!r}; expected {FORMAT}: export into a new folder")
+    if recorded.get("line") != line_id:
+        was, asked = describe_filter(recorded.get("line")), describe_filter(line_id)
+        raise ExportError(
+            f"{out} was exported with {was}, not {asked}: one folder holds one line filter; "
+            "run with the folder's filter or choose another --out"
+        )
+    return wanted
+
+
 def export_reviewed(
     sessions: sessionmaker[Session],
     frames: FrameStore,
@@ -119,16 +175,14 @@ def export_reviewed(
 ) -> ExportSummary:
     from model.geometry import resample_cell
 
+    folder = check_folder(out, line_id)
+    # the first query runs before anything is written, so a database that cannot be read leaves no folder
+    page = reviewed_labels(sessions, line_id, None, PAGE)
     (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
     previous = read_manifest(out)
     records: list[dict[str, Any]] = []
     new = reused = skipped = modules = 0
-    after: int | None = None
-    while True:
-        page = reviewed_labels(sessions, line_id, after, PAGE)
-        if not page:
-            break
-        after = page[-1].inspection.id
+    while page:
         for module in page:
             inspection = module.inspection
             labels = cell_labels(module)
@@ -179,7 +233,8 @@ def export_reviewed(
                         "file": name,
                         "sha256": digest,
                         **labels[key],
-                        "module": f"{inspection.line_id}/{inspection.serial}",
+                        # split key: the serial alone, so a module re-tested on a rework line keeps one side
+                        "module": inspection.serial,
                         "inspection_id": inspection.id,
                         "line_id": inspection.line_id,
                         "serial": inspection.serial,
@@ -195,14 +250,17 @@ def export_reviewed(
                         "format": FORMAT,
                     }
                 )
+        page = reviewed_labels(sessions, line_id, page[-1].inspection.id, PAGE)
     records.sort(key=lambda r: (r["inspection_id"], r["row"], r["col"]))
-    temporary = out / f".{MANIFEST_FILE}.tmp"
-    temporary.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    temporary.replace(out / MANIFEST_FILE)
+    # the folder's identity first: a manifest is never there without the filter it was written with
+    write_atomically(out / FOLDER_FILE, json.dumps(folder, sort_keys=True) + "\n")
+    write_atomically(out / MANIFEST_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     summary = ExportSummary(out, len(records), new, reused, modules, skipped)
     with (out / EXPORTS_FILE).open("a") as handle:
         line = {
             "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "format": FORMAT,
+            "line": line_id,
             "cells": summary.cells,
             "new": new,
             "reused": reused,
@@ -213,6 +271,12 @@ def export_reviewed(
         handle.write(json.dumps(line) + "\n")
     log.info("exported %d reviewed cells to %s (%d new, %d reused)", len(records), out, new, reused)
     return summary
+
+
+def write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)  # readers see the old file or the new one, never half of one
 
 
 def load_frame(frames: FrameStore, digest: str, content_type: str, max_pixels: int) -> np.ndarray | None:
@@ -229,31 +293,90 @@ def load_frame(frames: FrameStore, digest: str, content_type: str, max_pixels: i
         return None
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels > 0, got {text!r}")
+    return value
+
+
+def check_store(database_url: str, frames_dir: Path) -> str | None:
+    """Why the service's store cannot be exported from, or None when it looks like one.
+
+    Checked before anything is opened: opening a SQLite URL creates the file it names (and
+    `make_engine` and `FrameStore` create folders), so a mistyped --var-dir would otherwise leave a
+    stray empty pvqc.db and frames/ behind and fail on the first query with a traceback.
+    """
+    try:
+        url = make_url(database_url)
+    except SQLAlchemyError as exc:  # ArgumentError: not a URL at all
+        return f"{database_url!r} is not a database URL ({exc}); expected e.g. postgresql+psycopg://host/db"
+    database = url.database or ""
+    sqlite_file = url.get_backend_name() == "sqlite" and database not in ("", ":memory:")
+    if sqlite_file and "uri" not in url.query and not Path(database).is_file():
+        return (
+            f"no database at {database}; expected the service's SQLite file "
+            "(check --var-dir, --database-url or PVQC_DATABASE_URL)"
+        )
+    if not frames_dir.is_dir():
+        return (
+            f"no frame folder at {frames_dir}; expected the service's frames "
+            "(check --var-dir or PVQC_FRAMES_DIR)"
+        )
+    return None
+
+
+def error_line(exc: BaseException) -> str:
+    """The first line of what went wrong: SQLAlchemy's own text adds the SQL and a link on more lines."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__
+
+
 def cli(argv: list[str] | None = None) -> int:
+    """Exit status: 0 exported, 1 exported but some stored frames were missing, 2 nothing exported."""
     parser = argparse.ArgumentParser(prog="pvqc export-reviewed", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out", type=Path, required=True, help="export folder; re-used, exports are incremental"
     )
-    parser.add_argument("--cell-size", type=int, default=DEFAULT_CELL_SIZE, help="pixels per cell side")
-    parser.add_argument("--line", help="only this line's modules")
+    parser.add_argument(
+        "--cell-size", type=positive_int, default=DEFAULT_CELL_SIZE, help="pixels per cell side"
+    )
+    parser.add_argument("--line", help="only this line's modules (a folder keeps the filter it began with)")
     parser.add_argument("--database-url", help="SQLAlchemy URL; default: the service's (PVQC_ settings)")
     parser.add_argument("--var-dir", type=Path, help="the service's var folder (database and frames)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {"database_url": args.database_url, "var_dir": args.var_dir}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    engine = make_engine(settings.resolved_database_url)
+    database_url = settings.resolved_database_url
+    problem = check_store(database_url, settings.resolved_frames_dir)
+    if problem is not None:
+        return fail(problem)
+    shown = make_url(database_url).render_as_string(hide_password=True)
     try:
-        summary = export_reviewed(
-            sessionmaker(engine, expire_on_commit=False),
-            FrameStore(settings.resolved_frames_dir),
-            args.out,
-            args.cell_size,
-            args.line,
-            settings.max_pixels,
+        engine = make_engine(database_url)
+        try:
+            summary = export_reviewed(
+                sessionmaker(engine, expire_on_commit=False),
+                FrameStore(settings.resolved_frames_dir),
+                args.out,
+                args.cell_size,
+                args.line,
+                settings.max_pixels,
+            )
+        finally:
+            engine.dispose()
+    except ExportError as exc:
+        return fail(str(exc))
+    except SQLAlchemyError as exc:
+        return fail(
+            f"cannot read the service's database at {shown}: {error_line(exc)}; expected the database of "
+            "a pvqc service (check --var-dir, --database-url or PVQC_DATABASE_URL)"
         )
-    finally:
-        engine.dispose()
     result = {
         "out": str(summary.out),
         "cells": summary.cells,
@@ -264,6 +387,11 @@ def cli(argv: list[str] | None = None) -> int:
     }
     sys.stdout.write(json.dumps(result) + "\n")  # the command's output, one JSON line
     return 0 if summary.skipped_frames == 0 else 1
+
+
+def fail(message: str) -> int:
+    sys.stderr.write(f"pvqc export-reviewed: {message}\n")  # one line, no traceback: the command's output
+    return 2
 
 
 if __name__ == "__main__":

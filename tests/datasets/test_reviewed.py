@@ -1,5 +1,6 @@
 """Reviewed cells as a training set: the export format is read back, checked against its hashes,
-and split by module, so no module has cells on both sides of a split."""
+and split by module (its serial), so no module has cells on both sides of a split; manifests split by
+the old line/serial key are refused."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import numpy as np
 import pytest
 
 from datasets.elpv import DatasetError
-from datasets.reviewed import MANIFEST_FILE, Part, load_reviewed, module_part
+from datasets.reviewed import FORMAT, MANIFEST_FILE, Part, load_reviewed, module_part
 
 
-def write_export(folder: Path, modules: int, cells: int = 4, size: int = 64) -> None:
+def write_export(
+    folder: Path, modules: int, cells: int = 4, size: int = 64, format_: str | None = FORMAT
+) -> None:
     (folder / "cells").mkdir(parents=True)
     lines = []
     for m in range(modules):
@@ -27,11 +30,15 @@ def write_export(folder: Path, modules: int, cells: int = 4, size: int = 64) -> 
                 "file": name,
                 "sha256": hashlib.sha256(data).hexdigest(),
                 "label": "defective" if c == 0 else "functional",
-                "module": f"L1/M{m}",
+                "module": f"M{m}",
                 "inspection_id": m,
+                "line_id": "L1",
+                "serial": f"M{m}",
                 "row": 0,
                 "col": c,
             }
+            if format_ is not None:
+                record["format"] = format_
             lines.append(json.dumps(record))
     (folder / MANIFEST_FILE).write_text("\n".join(lines) + "\n")
 
@@ -42,7 +49,7 @@ def test_cells_come_back_labelled_and_split_by_module(tmp_path: Path) -> None:
     assert everything.images.shape == (160, 300, 300)
     assert everything.probabilities.tolist()[:4] == [1.0, 0.0, 0.0, 0.0]
     assert set(everything.types) == {"reviewed"}
-    assert everything.names[0] == "reviewed:L1/M0/i0/r0c0"
+    assert everything.names[0] == "reviewed:M0/i0/r0c0"
     parts = {part: load_reviewed(tmp_path, part) for part in Part}
     assert sum(len(p) for p in parts.values()) == len(everything)
     modules = {part: {str(n).split("/i")[0] for n in cells.names} for part, cells in parts.items()}
@@ -52,7 +59,7 @@ def test_cells_come_back_labelled_and_split_by_module(tmp_path: Path) -> None:
     )
     assert not (modules[Part.VALIDATION] & modules[Part.TEST])
     # the side is a function of the module alone: a later, larger export keeps every module's side
-    assert all(module_part(f"L1/M{m}") is module_part(f"L1/M{m}") for m in range(40))
+    assert all(module_part(f"M{m}") is module_part(f"M{m}") for m in range(40))
 
 
 def test_a_changed_file_or_a_bad_manifest_is_refused(tmp_path: Path) -> None:
@@ -67,3 +74,24 @@ def test_a_changed_file_or_a_bad_manifest_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(DatasetError, match="expected label functional or defective"):
         load_reviewed(tmp_path)
+
+
+def test_a_manifest_split_by_the_old_line_serial_key_is_refused(tmp_path: Path) -> None:
+    # pvqc-reviewed-1 named modules line/serial: a module re-tested on a rework line was split twice
+    old = tmp_path / "old"
+    write_export(old, modules=2, format_="pvqc-reviewed-1")
+    with pytest.raises(
+        DatasetError, match=r"manifest.jsonl:1 is format 'pvqc-reviewed-1' \(its split is keyed"
+    ):
+        load_reviewed(old)
+    with pytest.raises(DatasetError, match="expected pvqc-reviewed-2: re-export it"):
+        load_reviewed(old, Part.TEST)
+    future = tmp_path / "future"
+    write_export(future, modules=1, format_="pvqc-reviewed-9")
+    with pytest.raises(DatasetError, match="format 'pvqc-reviewed-9'; expected pvqc-reviewed-2"):
+        load_reviewed(future)
+    hand_written = (
+        tmp_path / "hand-written"
+    )  # no format: its `module` names the module, as the current format's
+    write_export(hand_written, modules=2, format_=None)
+    assert len(load_reviewed(hand_written)) == 8

@@ -1,5 +1,6 @@
 """`pvqc export-reviewed`: reviewed cells leave the store as PNG files plus a manifest, labelled by
-the engineers' latest decisions, cut with the stored polygons; incremental and reproducible."""
+the engineers' latest decisions, cut with the stored polygons; incremental and reproducible; a folder
+keeps its line filter; the split key is the module serial; the command fails in one line."""
 
 from __future__ import annotations
 
@@ -8,21 +9,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 
+from datasets import reviewed
 from pvqc import main as pvqc_main
 from serving.app import create_app
-from serving.export_reviewed import MANIFEST_FILE, export_reviewed
+from serving.export_reviewed import FORMAT, MANIFEST_FILE, ExportError, export_reviewed
 from tests.serving.conftest import MakeSettings
 from tests.serving.helpers import AUTH, BRIGHT, DARK, MID, module_frame, png
 
+COLS = {"L1": 10, "L2": 24}  # the test lines' layouts (conftest's make_settings)
 
-def post(client: TestClient, serial: str, cells: dict[tuple[int, int], int]) -> int:
-    levels = np.full((6, 10), BRIGHT)
+
+def post(client: TestClient, serial: str, cells: dict[tuple[int, int], int], line: str = "L1") -> int:
+    levels = np.full((6, COLS[line]), BRIGHT)
     for place, level in cells.items():
         levels[place] = level
     headers = {"Content-Type": "image/png", "X-Module-Serial": serial, "X-Frame-Id": "1"}
-    response = client.post("/lines/L1/modules", content=png(module_frame(levels)), headers=headers)
+    response = client.post(f"/lines/{line}/modules", content=png(module_frame(levels)), headers=headers)
     assert response.status_code == 201, response.text
     return int(response.json()["inspection_id"])
 
@@ -88,3 +93,134 @@ def test_labels_follow_the_latest_decisions_and_exports_are_incremental(
     )
     assert code == 0
     assert (again / MANIFEST_FILE).read_text() == text
+
+
+def test_a_folder_keeps_the_line_filter_it_was_exported_with(
+    make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    settings = make_settings()
+    out = tmp_path / "reviewed"
+    with TestClient(create_app(settings), headers=AUTH) as client:
+        decide(client, post(client, "A", {}, "L1"), {"module": "PASS"})
+        decide(client, post(client, "B", {}, "L2"), {"module": "PASS"})
+        services = client.app.state.services  # type: ignore[attr-defined]
+        full = export_reviewed(services.sessions, services.frames, out, cell_size=32)
+        assert full.cells == 60 + 144 and {r["line_id"] for r in manifest(out).values()} == {"L1", "L2"}
+        text = (out / MANIFEST_FILE).read_text()
+        # --line L1 into the folder of all lines would leave L2's PNGs there but drop them from the manifest
+        with pytest.raises(ExportError, match=r"exported with all lines \(no --line\), not --line L1"):
+            export_reviewed(services.sessions, services.frames, out, cell_size=32, line_id="L1")
+        assert (out / MANIFEST_FILE).read_text() == text
+
+        one_line = tmp_path / "l1"
+        export_reviewed(services.sessions, services.frames, one_line, cell_size=32, line_id="L1")
+        again = export_reviewed(services.sessions, services.frames, one_line, cell_size=32, line_id="L1")
+        assert again.cells == again.reused == 60
+        with pytest.raises(ExportError, match="exported with --line L1, not all lines"):
+            export_reviewed(services.sessions, services.frames, one_line, cell_size=32)
+        with pytest.raises(ExportError, match="exported with --line L1, not --line L2"):
+            export_reviewed(services.sessions, services.frames, one_line, cell_size=32, line_id="L2")
+        assert {r["line_id"] for r in manifest(one_line).values()} == {"L1"}
+
+
+def test_a_module_retested_on_a_rework_line_falls_on_one_side_of_the_split(
+    make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    out = tmp_path / "reviewed"
+    with TestClient(create_app(make_settings()), headers=AUTH) as client:
+        # keyed on line/serial, L1/SN0001 fell in train and L2/SN0001 in test: the module leaked
+        decide(client, post(client, "SN0001", {}, "L1"), {"module": "PASS"})
+        decide(client, post(client, "SN0001", {}, "L2"), {"module": "PASS"})
+        services = client.app.state.services  # type: ignore[attr-defined]
+        export_reviewed(services.sessions, services.frames, out, cell_size=32)
+    records = list(manifest(out).values())
+    assert {r["line_id"] for r in records} == {"L1", "L2"} and len(records) == 60 + 144
+    assert {r["module"] for r in records} == {"SN0001"} and {r["format"] for r in records} == {FORMAT}
+    sides = {part: len(reviewed.load_reviewed(out, part, size=32)) for part in reviewed.Part}
+    assert sorted(sides.values()) == [0, 0, 60 + 144]  # every inspection of the module on one side
+
+
+def test_a_folder_exported_with_the_old_split_key_is_refused(
+    make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    out = tmp_path / "reviewed"
+    out.mkdir()
+    old = {"file": "cells/00000001_r00_c00.png", "sha256": "0", "label": "functional", "module": "L1/A"}
+    (out / MANIFEST_FILE).write_text(json.dumps({**old, "format": "pvqc-reviewed-1"}) + "\n")
+    with TestClient(create_app(make_settings()), headers=AUTH) as client:
+        decide(client, post(client, "A", {}), {"module": "PASS"})
+        services = client.app.state.services  # type: ignore[attr-defined]
+        with pytest.raises(ExportError, match=r"older format .* expected a folder of format pvqc-reviewed-2"):
+            export_reviewed(services.sessions, services.frames, out, cell_size=32)
+    assert json.loads((out / MANIFEST_FILE).read_text())["module"] == "L1/A"  # left as it was
+
+
+def test_the_reader_expects_the_format_the_exporter_writes() -> None:
+    assert reviewed.FORMAT == FORMAT
+
+
+def export_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """Exit status and stderr of `pvqc export-reviewed`; the stderr must be one line."""
+    code = pvqc_main(["export-reviewed", *args])
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.count("\n") == 1 and "Traceback" not in err, err
+    return code, err
+
+
+def test_the_command_refuses_a_cell_size_below_one(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out, var = tmp_path / "out", tmp_path / "var"
+    for size in ("0", "-3", "x"):
+        with pytest.raises(SystemExit) as exit_info:
+            pvqc_main(["export-reviewed", "--out", str(out), "--cell-size", size, "--var-dir", str(var)])
+        assert exit_info.value.code == 2
+        assert "--cell-size: expected a whole number of pixels > 0" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_refuses_a_var_dir_without_a_database(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out, var = tmp_path / "out", tmp_path / "mistyped-var"
+    code, err = export_cli(capsys, "--out", str(out), "--var-dir", str(var))
+    assert code == 2 and f"no database at {var / 'pvqc.db'}; expected the service's SQLite file" in err
+    missing = tmp_path / "elsewhere" / "pvqc.db"
+    code, err = export_cli(capsys, "--out", str(out), "--database-url", f"sqlite:///{missing}")
+    assert code == 2 and f"no database at {missing}" in err
+    assert list(tmp_path.iterdir()) == []  # no stray pvqc.db, frames/ or export folder
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("nosuchdb://host/db", "cannot read the service's database at nosuchdb://host/db: Can't load plugin"),
+        ("not a url", "'not a url' is not a database URL"),
+        ("sqlite:///{var}/empty.db", "no such table"),  # a file, but not a pvqc service's database
+    ],
+    ids=["unknown-dialect", "not-a-url", "not-a-pvqc-database"],
+)
+def test_the_command_turns_database_errors_into_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, url: str, expected: str
+) -> None:
+    var = tmp_path / "var"
+    (var / "frames").mkdir(parents=True)
+    (var / "empty.db").write_bytes(b"")
+    url = url.format(var=var)
+    code, err = export_cli(
+        capsys, "--out", str(tmp_path / "out"), "--var-dir", str(var), "--database-url", url
+    )
+    assert code == 2 and err.startswith("pvqc export-reviewed: ") and expected in err and "expected" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_refuses_another_line_filter_in_one_line(
+    make_settings: MakeSettings, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    settings = make_settings()
+    with TestClient(create_app(settings), headers=AUTH) as client:
+        decide(client, post(client, "A", {}), {"module": "PASS"})
+    out = ["--out", str(tmp_path / "reviewed"), "--cell-size", "32", "--var-dir", str(settings.var_dir)]
+    assert pvqc_main(["export-reviewed", *out]) == 0
+    code, err = export_cli(capsys, *out, "--line", "L1")
+    assert code == 2 and "exported with all lines (no --line), not --line L1" in err
