@@ -4,14 +4,18 @@ Owns: server and model health and metadata, and `infer` with JSON tensors and th
 extension (`Inference-Header-Content-Length` splits the body into a JSON header and raw tensor
 bytes; `binary_data_size` gives each tensor's length). Inference goes through the same
 micro-batcher as the ingestion routes. Errors use the protocol's `{"error": "..."}` form, so the
-stock `tritonclient.http` client reads them.
+stock `tritonclient.http` client reads them; a malformed request is a 400 that says what was
+expected, never a 500. Parsing a JSON tensor takes seconds near the body limit, so the request is
+parsed and converted in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -20,7 +24,8 @@ from serving.app import Services
 from serving.auth import Role, require
 from serving.deps import BodyDep, ServicesDep
 from serving.errors import ApiError
-from serving.inference import QueueFullError
+from serving.inference import ModelRuntime, QueueFullError
+from serving.pipeline import _queue_full
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 # the health routes stay open for probes; everything about the model needs a key (tritonclient
@@ -32,6 +37,15 @@ SERVER_NAME = "pvqc"
 EXTENSIONS = ["binary_tensor_data"]
 DATATYPE = "FP32"
 NUMPY_OF = {"FP32": np.dtype("<f4")}
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A parsed infer request: what to run and how to answer."""
+
+    header: dict[str, Any]
+    batch: np.ndarray  # (N, 1, S, S) float32 grey levels
+    wanted: list[tuple[str, bool]]  # (output name, as binary) in the order asked for
 
 
 @router.get("", dependencies=LINE)
@@ -58,8 +72,8 @@ async def ready(services: ServicesDep) -> Response:
 @router.get("/models/{name}", dependencies=LINE)
 @router.get("/models/{name}/versions/{version}", dependencies=LINE)
 async def model_metadata(services: ServicesDep, name: str, version: str | None = None) -> dict[str, Any]:
-    _check_model(services, name, version)
     runtime = services.runtime
+    _check_model(runtime, name, version)
     size = runtime.size
     session_outputs = {o.name: o.shape for o in runtime.session.get_outputs()}
     return {
@@ -81,7 +95,7 @@ async def model_metadata(services: ServicesDep, name: str, version: str | None =
 @router.get("/models/{name}/ready", dependencies=LINE)
 @router.get("/models/{name}/versions/{version}/ready", dependencies=LINE)
 async def model_ready(services: ServicesDep, name: str, version: str | None = None) -> Response:
-    _check_model(services, name, version)
+    _check_model(services.runtime, name, version)
     return _readiness(services)
 
 
@@ -90,17 +104,21 @@ async def model_ready(services: ServicesDep, name: str, version: str | None = No
 async def infer(
     services: ServicesDep, request: Request, body: BodyDep, name: str, version: str | None = None
 ) -> Response:
-    _check_model(services, name, version)
-    header, binary = _split_body(body, request.headers.get(HEADER_LENGTH))
-    batch = _input_tensor(services, header, binary)
-    wanted = _requested_outputs(services, header)
-    runtime = services.runtime  # checked against above, with no await between: a swap cannot intervene
+    runtime = services.runtime  # one model for the whole request, whatever a hot swap does meanwhile
+    _check_model(runtime, name, version)
+    parsed = await anyio.to_thread.run_sync(
+        parse_infer_request,
+        body,
+        request.headers.get(HEADER_LENGTH),
+        runtime,
+        services.settings.max_v2_batch,
+        limiter=services.frame_limiter,
+    )
     try:
-        values = await services.batcher.infer(batch, runtime)
+        values = await services.batcher.infer(parsed.batch, runtime)
     except QueueFullError as exc:
-        retry = str(services.settings.retry_after_seconds)
-        raise ApiError(503, f"inference queue is full: {exc}; retry later", {"Retry-After": retry}) from exc
-    return _infer_response(services, header, wanted, values)
+        _queue_full(services, str(exc))
+    return _infer_response(runtime, parsed, values)
 
 
 def _readiness(services: Services) -> Response:
@@ -109,47 +127,98 @@ def _readiness(services: Services) -> Response:
     return JSONResponse({"error": "model worker is not running"}, status_code=503)
 
 
-def _check_model(services: Services, name: str, version: str | None) -> None:
-    card = services.runtime.card
+def _check_model(runtime: ModelRuntime, name: str, version: str | None) -> None:
+    card = runtime.card
     if name != card.name:
         raise ApiError(404, f"unknown model {name!r}; this server serves {card.name!r}")
     if version is not None and version != card.version:
         raise ApiError(404, f"model {name!r} has no version {version!r}; it serves version {card.version!r}")
 
 
+def parse_infer_request(
+    body: bytes, header_length: str | None, runtime: ModelRuntime, max_batch: int
+) -> InferRequest:
+    """The request in `body` checked against `runtime`; raises ApiError(400). Blocks: call from a thread."""
+    header, binary = _split_body(body, header_length)
+    if "id" in header and not isinstance(header["id"], str):
+        raise ApiError(400, f"request `id` is {_brief(header['id'])}; expected a string")
+    batch = _input_tensor(runtime, max_batch, header, binary)
+    return InferRequest(header, batch, _requested_outputs(runtime, header))
+
+
+def _brief(value: object, limit: int = 40) -> str:
+    """`value` quoted for an error message, cut short: a client's mistake is never echoed whole."""
+    text = repr(value)  # an int's repr stays within Python's digit limit: the JSON parser enforced it
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
     if header_length is None:
         json_part, binary = body, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise ApiError(
-                400, f"{HEADER_LENGTH} is {header_length!r}; expected a byte count <= the body's {len(body)}"
-            )
-        json_part, binary = body[: int(header_length)], body[int(header_length) :]
+        length = _header_length(header_length, len(body))
+        json_part, binary = body[:length], body[length:]
     try:
         header = json.loads(json_part)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise ApiError(400, f"inference request header is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"inference request header is not UTF-8 JSON: {exc}") from exc
+    except ValueError as exc:  # an integer literal past Python's digit limit (4300 by default)
+        raise ApiError(
+            400, "inference request header holds an integer of too many digits; expected ordinary numbers"
+        ) from exc
+    except RecursionError as exc:
+        raise ApiError(400, "inference request header is nested too deeply; expected a JSON object") from exc
     if not isinstance(header, dict):
         raise ApiError(400, "expected the inference request to be a JSON object")
     return header, binary
 
 
-def _input_tensor(services: Services, header: dict[str, Any], binary: bytes) -> np.ndarray:
-    runtime = services.runtime
+def _header_length(value: str, body_size: int) -> int:
+    # isascii: '²'.isdigit() is True, yet int('²') raises; a count with more digits than the body's
+    # size cannot fit it, and that bound also keeps int() far from Python's digit limit
+    digits = value.strip()
+    if digits.isascii() and digits.isdigit() and len(digits.lstrip("0")) <= len(str(body_size)):
+        length = int(digits)
+        if length <= body_size:
+            return length
+    raise ApiError(
+        400, f"{HEADER_LENGTH} is {_brief(value)}; expected a byte count <= the body's {body_size}"
+    )
+
+
+def _parameters(value: object, where: str) -> dict[str, Any]:
+    """A protocol `parameters` object: absent, null or a JSON object."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, f"`parameters` of {where} is {_brief(value)}; expected a JSON object")
+    return value
+
+
+def _flag(parameters: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    value = parameters.get(key, default)
+    if not isinstance(value, bool):  # bool("false") is True: a loose reading would flip the answer
+        raise ApiError(400, f"{where} parameter {key!r} is {_brief(value)}; expected true or false")
+    return value
+
+
+def _input_tensor(runtime: ModelRuntime, limit: int, header: dict[str, Any], binary: bytes) -> np.ndarray:
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ApiError(400, f"expected exactly one input tensor, {runtime.input_name!r}")
     tensor = inputs[0]
     if tensor.get("name") != runtime.input_name:
-        raise ApiError(400, f"unknown input {tensor.get('name')!r}; expected {runtime.input_name!r}")
+        raise ApiError(400, f"unknown input {_brief(tensor.get('name'))}; expected {runtime.input_name!r}")
     if tensor.get("datatype") != DATATYPE:
         raise ApiError(
-            400, f"input {runtime.input_name!r} has datatype {tensor.get('datatype')!r}; expected {DATATYPE}"
+            400,
+            f"input {runtime.input_name!r} has datatype {_brief(tensor.get('datatype'))}; "
+            f"expected {DATATYPE}",
         )
     shape = tensor.get("shape")
     size = runtime.size
-    limit = services.settings.max_v2_batch
     if (
         not isinstance(shape, list)
         or len(shape) != 4
@@ -159,10 +228,11 @@ def _input_tensor(services: Services, header: dict[str, Any], binary: bytes) -> 
     ):
         raise ApiError(
             400,
-            f"input shape {shape!r} is not accepted; expected [N, 1, {size}, {size}] with 1 <= N <= {limit}",
+            f"input shape {_brief(shape)} is not accepted; "
+            f"expected [N, 1, {size}, {size}] with 1 <= N <= {limit}",
         )
     count = int(np.prod(shape))
-    parameters = tensor.get("parameters") or {}
+    parameters = _parameters(tensor.get("parameters"), f"input {runtime.input_name!r}")
     if "binary_data_size" in parameters:
         array = _binary_tensor(parameters["binary_data_size"], binary, count)
     else:
@@ -181,7 +251,9 @@ def _binary_tensor(declared: object, binary: bytes, count: int) -> np.ndarray:
     expected = count * 4
     if not isinstance(declared, int) or declared != expected:
         raise ApiError(
-            400, f"binary_data_size is {declared!r}; an FP32 tensor of {count} values takes {expected} bytes"
+            400,
+            f"binary_data_size is {_brief(declared)}; "
+            f"an FP32 tensor of {count} values takes {expected} bytes",
         )
     if len(binary) != expected:
         raise ApiError(
@@ -197,40 +269,41 @@ def _json_tensor(data: object, count: int) -> np.ndarray:
         )
     try:
         array = np.asarray(data, dtype=np.float32).reshape(-1)
+    except OverflowError as exc:  # an integer past float64's range (a float past it parses as inf)
+        raise ApiError(
+            400, f"input data holds a number outside the {DATATYPE} range; expected grey levels 0..255"
+        ) from exc
     except (ValueError, TypeError) as exc:
-        raise ApiError(400, f"input data is not an array of numbers: {exc}") from exc
+        raise ApiError(400, f"input data is not an array of numbers: {_brief(str(exc), 120)}") from exc
     if array.size != count:
         raise ApiError(400, f"input data has {array.size} values; its shape needs {count}")
     return array
 
 
-def _requested_outputs(services: Services, header: dict[str, Any]) -> list[tuple[str, bool]]:
+def _requested_outputs(runtime: ModelRuntime, header: dict[str, Any]) -> list[tuple[str, bool]]:
     """(name, binary) per output to return, in the order asked for."""
-    default_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    request_parameters = _parameters(header.get("parameters"), "the request")
+    default_binary = _flag(request_parameters, "binary_data_output", False, "request")
     asked = header.get("outputs")
     if asked is None:
-        return [(name, default_binary) for name in services.runtime.output_names]
+        return [(name, default_binary) for name in runtime.output_names]
     if not isinstance(asked, list):
         raise ApiError(400, "expected `outputs` to be a list")
     wanted = []
     for output in asked:
         name = output.get("name") if isinstance(output, dict) else None
-        if name not in services.runtime.output_names:
-            raise ApiError(
-                400, f"unknown output {name!r}; the model has {list(services.runtime.output_names)}"
-            )
-        binary = bool((output.get("parameters") or {}).get("binary_data", default_binary))
-        wanted.append((name, binary))
+        if name not in runtime.output_names:
+            raise ApiError(400, f"unknown output {_brief(name)}; the model has {list(runtime.output_names)}")
+        parameters = _parameters(output.get("parameters"), f"output {name!r}")
+        wanted.append((name, _flag(parameters, "binary_data", default_binary, f"output {name!r}")))
     return wanted
 
 
-def _infer_response(
-    services: Services, header: dict[str, Any], wanted: list[tuple[str, bool]], values: dict[str, np.ndarray]
-) -> Response:
-    card = services.runtime.card
+def _infer_response(runtime: ModelRuntime, parsed: InferRequest, values: dict[str, np.ndarray]) -> Response:
+    card = runtime.card  # the model that computed `values`, even if another was promoted meanwhile
     outputs: list[dict[str, Any]] = []
     chunks: list[bytes] = []
-    for name, binary in wanted:
+    for name, binary in parsed.wanted:
         value = np.ascontiguousarray(values[name], dtype="<f4")
         entry: dict[str, Any] = {"name": name, "datatype": DATATYPE, "shape": list(value.shape)}
         if binary:
@@ -241,8 +314,8 @@ def _infer_response(
             entry["data"] = value.reshape(-1).tolist()
         outputs.append(entry)
     reply: dict[str, Any] = {"model_name": card.name, "model_version": card.version, "outputs": outputs}
-    if "id" in header:
-        reply["id"] = header["id"]
+    if "id" in parsed.header:
+        reply["id"] = parsed.header["id"]
     head = json.dumps(reply).encode()
     if not chunks:
         return Response(head, media_type="application/json")
