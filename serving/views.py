@@ -6,12 +6,13 @@ frames, one at a time per replica (fifty screens asking for the same new thumbna
 decode, and previews never take more than one core from the line); and a cell's heat map: the
 cell is resampled from the stored frame through its stored polygon (`model.geometry.resample_cell`,
 as the pipeline cut it) and run through the micro-batcher, whose `cam` output is the class
-activation map (defect logit per position of the last feature map). Blocking helpers run in
-worker threads.
+activation map (defect logit per position of the last feature map); a full batcher queue answers
+the ingestion routes' 503 with Retry-After. Blocking helpers run in worker threads.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,9 +23,12 @@ import numpy as np
 from serving.db import Inspection
 from serving.errors import ApiError
 from serving.images import ImageRejectedError, ImageType, decode_image
+from serving.inference import QueueFullError
 
 if TYPE_CHECKING:  # serving.app builds the PreviewCache: a run-time import would be circular
     from serving.app import Services
+
+log = logging.getLogger(__name__)
 
 CAM_OUTPUT = "cam"  # the name model/onnx_export.py gives the activation map output
 JPEG_QUALITY = 85
@@ -51,8 +55,13 @@ class PreviewCache:
                 data = preview_jpeg(load_grey(services, row), width)
                 self.root.mkdir(parents=True, exist_ok=True)
                 temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-                temporary.write_bytes(data)
-                temporary.replace(path)  # readers see the whole file or none; a lost one is remade
+                try:
+                    temporary.write_bytes(data)
+                    temporary.replace(path)  # readers see the whole file or none; a lost one is remade
+                except OSError:
+                    # a preview is a cache: a full disk must not also collect orphans; answer anyway
+                    temporary.unlink(missing_ok=True)
+                    log.warning("preview %s not cached: the write failed", path.name, exc_info=True)
                 return data
 
             return await anyio.to_thread.run_sync(make, limiter=services.frame_limiter)
@@ -103,7 +112,13 @@ async def cell_heatmap(services: Services, row: Inspection, cell_row: int, cell_
     pixels = await anyio.to_thread.run_sync(
         lambda: _cell_pixels(services, row, polygon, runtime.size), limiter=services.frame_limiter
     )
-    outputs = await services.batcher.infer(pixels[None, None], runtime)
+    try:
+        outputs = await services.batcher.infer(pixels[None, None], runtime)
+    except QueueFullError as exc:
+        # imported here: serving.pipeline imports serving.app, which imports this module
+        from serving.pipeline import _queue_full
+
+        _queue_full(services, str(exc))  # the ingestion routes' 503 with Retry-After
     logits = np.asarray(outputs[CAM_OUTPUT][0], dtype=np.float64)
     heat = 1.0 / (1.0 + np.exp(-logits))  # per-position defect probability, same scale as the cell's
     probability = float(np.asarray(outputs[runtime.card.probability_output]).reshape(-1)[0])

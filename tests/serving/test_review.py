@@ -173,3 +173,31 @@ def test_previews_are_made_once_and_kept(client: TestClient) -> None:
     kept[0].write_bytes(b"from the cache")  # served from the file now, not decoded again
     again = client.get(f"/inspections/{inspection}/preview", params={"width": 360})
     assert again.content == b"from the cache" and again.headers["cache-control"] == "private, max-age=86400"
+
+
+def test_a_preview_whose_cache_write_fails_is_served_and_leaves_no_temp_file(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import pathlib
+
+    inspection = post(client, "F1", DARK)
+    services = client.app.state.services  # type: ignore[attr-defined]
+
+    def disk_full(self: pathlib.Path, target: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "replace", disk_full)
+    preview = client.get(f"/inspections/{inspection}/preview", params={"width": 360})
+    assert preview.status_code == 200 and preview.content[:3] == b"\xff\xd8\xff"
+    assert list(services.previews.root.iterdir()) == []  # neither a preview nor an orphaned temp file
+
+
+def test_heat_map_while_the_queue_is_full_is_503_with_retry_after(sqlite_client: TestClient) -> None:
+    inspection = post(sqlite_client, "F1", DARK)
+    services = sqlite_client.app.state.services  # type: ignore[attr-defined]
+    services.batcher.max_queue_cells = 0  # saturated: every new job is refused
+    heat = sqlite_client.get(f"/review/inspections/{inspection}/cells/1/2/heatmap")
+    assert heat.status_code == 503, heat.text
+    assert "queue is full" in heat.json()["error"]
+    assert heat.headers["Retry-After"] == str(services.settings.retry_after_seconds)  # as ingestion says
