@@ -1,13 +1,15 @@
 """Durable storage of inspections: content-addressed frame files and the database rows.
 
 Owns: writing a frame file (temp file, fsync, rename, fsync of the folder: after `save_frame`
-returns the bytes survive kill -9 and power loss), the idempotent insert keyed on
-(line, serial, frame id), and the read queries (lists, one inspection, pass-rate statistics).
+returns the bytes survive kill -9 and power loss; a failed write removes its temp file), the
+idempotent insert keyed on (line, serial, frame id), and the read queries (lists, one inspection,
+pass-rate statistics).
 All functions here block: routes call them through `anyio.to_thread`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -44,11 +46,18 @@ class FrameStore:
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{digest}.{uuid.uuid4().hex}.tmp")
-        with temporary.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(path)  # atomic: readers see the whole file or none
+        try:
+            with temporary.open("wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            temporary.replace(path)  # atomic: readers see the whole file or none
+        except BaseException:
+            # a full or failing disk (ENOSPC, EIO) must not also collect orphans, one per retry; the
+            # caller learns the original error, not one from the clean-up
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            raise
         _fsync_dir(path.parent)
         _fsync_dir(path.parent.parent)  # the two-level fan-out folders may be new too
         _fsync_dir(path.parent.parent.parent)

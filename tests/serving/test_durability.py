@@ -6,6 +6,7 @@ tiny model and its own var/ folder; clients post modules from threads until the 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 from serving.cli import wait_until_ready
+from serving.store import FrameStore, sha256_hex
 from tests.serving.conftest import free_port
 from tests.serving.helpers import ADMIN_KEY, AUTH, BRIGHT, DARK, module_frame, png
 
@@ -118,3 +120,22 @@ def test_kill_9_loses_no_acknowledged_inspection(tmp_path: Path, tiny_model: Pat
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("failing", ["fsync", "rename"])
+def test_a_failed_frame_write_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    store = FrameStore(tmp_path / "frames")
+
+    def disk_full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if failing == "fsync":
+        monkeypatch.setattr(os, "fsync", disk_full)
+    else:
+        monkeypatch.setattr(Path, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):  # the caller still learns why
+        store.save(b"frame bytes", sha256_hex(b"frame bytes"), "png")
+    monkeypatch.undo()
+    assert [p.name for p in store.root.rglob("*") if p.is_file()] == []  # no orphan .tmp file
