@@ -13,10 +13,14 @@ import enum
 import io
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from model.preprocess import ImageFormatError, to_grey_u8
+
+if TYPE_CHECKING:  # imported where used at run time: only TIFF bodies need it
+    import tifffile
 
 
 class ImageRejectedError(ValueError):
@@ -88,19 +92,39 @@ def decode_image(body: bytes, image_type: ImageType, max_pixels: int) -> Decoded
 
 
 def _decode(body: bytes, image_type: ImageType) -> np.ndarray:
+    """Pixels as cv2 gives them: (H, W) or (H, W, C) with colour samples in blue, green, red order."""
     if image_type is ImageType.TIFF:
-        import tifffile
-
-        try:
-            return np.asarray(tifffile.imread(io.BytesIO(body), key=0))
-        except Exception as exc:  # tifffile raises many types for bad files
-            raise ImageRejectedError(f"corrupt or truncated TIFF: {exc}") from exc
+        return _decode_tiff(body)
     import cv2
 
     pixels = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None:
         raise ImageRejectedError(f"corrupt or truncated {image_type.value} image: it could not be decoded")
     return np.asarray(pixels)
+
+
+def _decode_tiff(body: bytes) -> np.ndarray:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(body)) as tif:
+            page = tif.pages.first
+            pixels = np.asarray(page.asarray())
+            planar = _planar(page)
+            rgb = page.photometric == tifffile.PHOTOMETRIC.RGB
+    except Exception as exc:  # tifffile raises many types for bad files
+        raise ImageRejectedError(f"corrupt or truncated TIFF: {exc}") from exc
+    if planar:  # planar pages come as (C, H, W): samples last, as the shape check and to_grey_u8 expect
+        pixels = np.moveaxis(pixels, 0, -1)
+    if rgb and pixels.ndim == 3 and pixels.shape[2] in (3, 4):
+        # tifffile gives red, green, blue (alpha); to_grey_u8 weighs channels in cv2's order
+        pixels = pixels[..., [2, 1, 0, *range(3, pixels.shape[2])]]
+    return pixels
+
+
+def _planar(page: tifffile.TiffPage) -> bool:
+    """Whether a TIFF page stores its samples as separate planes, i.e. decodes to (C, H, W)."""
+    return page.ndim == 3 and page.planarconfig == 2  # PLANARCONFIG.SEPARATE
 
 
 def _header_size(body: bytes, image_type: ImageType) -> tuple[int, int]:
@@ -146,8 +170,7 @@ def _tiff_size(body: bytes) -> tuple[int, int]:
             if page.ndim < 2:
                 raise ImageRejectedError(f"TIFF page has shape {shape}; expected a 2-D image")
             # (H, W) or (H, W, C) for contiguous samples, (C, H, W) for planar ones
-            planar = page.ndim == 3 and page.planarconfig == 2
-            height, width = (shape[1], shape[2]) if planar else (shape[0], shape[1])
+            height, width = (shape[1], shape[2]) if _planar(page) else (shape[0], shape[1])
             return int(width), int(height)
     except ImageRejectedError:
         raise
