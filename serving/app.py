@@ -208,13 +208,23 @@ def _include_routers(app: FastAPI) -> None:
 
 async def _time_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     started = time.perf_counter()
-    response = await call_next(request)
+    try:
+        response = await call_next(request)
+    except Exception:
+        # call_next re-raises what the app raised, and ServerErrorMiddleware answers its 500 outside
+        # this middleware: count that 500 here, or failures never show in the request metric
+        _observe_request(request, 500, started)
+        raise
+    _observe_request(request, response.status_code, started)
+    return response
+
+
+def _observe_request(request: Request, status: int, started: float) -> None:
     services: Services | None = getattr(request.app.state, "services", None)
     if services is not None:
         services.metrics.request_seconds.labels(
-            request.method, _route_template(request), str(response.status_code)
+            request.method, _route_template(request), str(status)
         ).observe(time.perf_counter() - started)
-    return response
 
 
 def _route_template(request: Request) -> str:

@@ -48,7 +48,13 @@ async def read_body(request: Request, services: ServicesDep) -> bytes:
     """The raw body, refused with 413 as soon as it passes `max_body_bytes` (never buffered past it)."""
     limit = services.settings.max_body_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    # isascii: '²'.isdigit() is True yet int('²') raises; a longer number than the limit's is over it
+    if (
+        declared is not None
+        and declared.isascii()
+        and declared.isdigit()
+        and (len(declared.lstrip("0")) > len(str(limit)) or int(declared) > limit)
+    ):
         raise ApiError(413, f"body of {declared} bytes is over the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0

@@ -13,7 +13,7 @@ import os
 from datetime import datetime, time, timedelta
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.card import SHIPPED_MODEL_DIR
@@ -41,6 +41,13 @@ class LineConfig(BaseModel):
         description="local shift start times; the current shift is the latest one that has begun",
     )
     name: str = ""
+
+    @field_validator("shift_starts")
+    @classmethod
+    def _some_shift_starts(cls, starts: list[time]) -> list[time]:
+        if not starts:  # with none, no shift is ever current: the shift window would have no start
+            raise ValueError('expected at least one shift start time per line, e.g. ["06:00"]')
+        return starts
 
 
 def _default_lines() -> dict[str, LineConfig]:

@@ -17,6 +17,7 @@ from serving.errors import ApiError
 from serving.live import sse_stream
 
 router = APIRouter(tags=["live"])
+MAX_EVENT_ID_DIGITS = 20
 
 
 @router.get("/events", response_class=StreamingResponse)
@@ -35,8 +36,18 @@ async def events(
             f"{len(hub.clients)} live streams are open, the most this replica serves",
             {"Retry-After": "5"},
         )
-    last = int(last_event_id) if last_event_id and last_event_id.strip().isdigit() else None
+    last = _event_id(last_event_id)
     line_id = principal.line_id if principal.role is Role.LINE else None
     stream = sse_stream(hub, line_id, last, services.settings.sse_keepalive_seconds, request.is_disconnected)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering either
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+
+def _event_id(header: str | None) -> int | None:
+    """The id in a Last-Event-ID header, or None for one that is no event id (the stream starts afresh)."""
+    value = (header or "").strip()
+    # isascii: '²'.isdigit() is True, yet int('²') raises; the length bound keeps int() within
+    # Python's digit limit (event ids are 64-bit counters: at most 20 digits)
+    if value.isascii() and value.isdigit() and len(value) <= MAX_EVENT_ID_DIGITS:
+        return int(value)
+    return None

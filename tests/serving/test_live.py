@@ -247,6 +247,24 @@ def test_line_key_stream_and_client_limit(live: tuple[str, Any]) -> None:
     assert line_reader.wait_for(lambda: len(app.state.services.live.clients) == 0, 8)
 
 
+@pytest.mark.parametrize(
+    "last_event_id",
+    [b"\xb2", b"1" * 5000],  # latin-1 superscript two: isdigit() but not int(); past int's digit limit
+    ids=["superscript-two", "5000-digits"],
+)
+def test_an_unreadable_last_event_id_is_ignored(live: tuple[str, Any], last_event_id: bytes) -> None:
+    base, _app = live
+    headers = {**AUTH, "Last-Event-ID": last_event_id}
+    with (
+        httpx.Client(base_url=base, timeout=httpx.Timeout(10, read=5)) as client,
+        client.stream("GET", "/events", headers=headers) as response,
+    ):
+        assert response.status_code == 200, response.read()
+        # as with no Last-Event-ID: the stream starts with the latest snapshot of a line
+        first = next(line for line in response.iter_lines() if line.startswith("data: "))
+    assert json.loads(first.removeprefix("data: "))["line_id"] in {"L1", "L2"}
+
+
 def test_a_silent_line_raises_the_takt_alarm_on_the_stream(make_settings: MakeSettings) -> None:
     """No frame for longer than the takt: the periodic check pushes the alarm without any post."""
     settings = live_settings(

@@ -5,11 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, time, timedelta
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
+from serving.app import create_app
 from serving.routes.lines import shift_start
 from serving.settings import DEFAULT_MODEL_DIR, LineConfig, Settings
-from tests.serving.helpers import BRIGHT, DARK, module_frame, png
+from tests.serving.conftest import MakeSettings
+from tests.serving.helpers import AUTH, BRIGHT, DARK, module_frame, png
 
 
 def post(client: TestClient, serial: str, dark: bool, line: str = "L1") -> dict:
@@ -102,3 +106,23 @@ def test_lines_are_listed(sqlite_client: TestClient) -> None:
     lines = sqlite_client.get("/lines").json()
     assert set(lines) == {"L1", "L2"} and lines["L2"]["cols"] == 24
     assert sqlite_client.get("/healthz").json()["model"]["version"] == "0.0.0-test"
+
+
+def test_a_line_without_shift_starts_is_refused_at_configuration() -> None:
+    with pytest.raises(ValidationError, match="expected at least one shift start"):
+        LineConfig(shift_starts=[])
+    with pytest.raises(ValidationError, match="shift_starts"):
+        Settings(lines={"L3": {"rows": 1, "cols": 1, "shift_starts": []}})
+
+
+def test_server_errors_are_timed_too(make_settings: MakeSettings) -> None:
+    app = create_app(make_settings())
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in a route")
+
+    app.add_api_route("/broken", broken)
+    with TestClient(app, headers=AUTH, raise_server_exceptions=False) as client:
+        assert client.get("/broken").status_code == 500
+        text = client.get("/metrics").text
+    assert 'pvqc_request_seconds_count{method="GET",route="/broken",status="500"} 1.0' in text
