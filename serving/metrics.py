@@ -42,7 +42,7 @@ class ServiceMetrics:
         )
         self.rejected = Counter(
             "pvqc_rejected_requests",
-            "requests refused before inference, by reason",
+            "requests answered without a verdict, by reason (image, queue_full, model_output)",
             ["reason"],
             registry=self.registry,
         )
