@@ -70,7 +70,7 @@ def test_int8_graph_keeps_the_heat_map_and_probability_in_float(smoke_release: P
     assert not any(producer[o.name].input[0] in quantized_outputs for o in graph.output)
 
 
-def test_int8_weights_use_7_bits_and_the_stem_stays_in_float(smoke_release: Path) -> None:
+def test_int8_weights_use_7_bits_and_the_first_block_stays_in_float(smoke_release: Path) -> None:
     # 8-bit weights saturate the u8 x s8 sums of x86 CPUs without VNNI (1.2.0 lost 4 points there)
     import onnx
     from onnx import numpy_helper
@@ -79,8 +79,14 @@ def test_int8_weights_use_7_bits_and_the_stem_stays_in_float(smoke_release: Path
     weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert weights and max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64
     initialisers = {t.name: t for t in graph.initializer}
-    stem = next(node for node in graph.node if node.op_type == "Conv")
-    assert initialisers[stem.input[1]].data_type == onnx.TensorProto.FLOAT
+    convolutions = [node for node in graph.node if node.op_type == "Conv"]
+    # the stem and the first block's depthwise and pointwise convolutions read float weights ...
+    assert [initialisers[c.input[1]].data_type for c in convolutions[:3]] == [onnx.TensorProto.FLOAT] * 3
+    # ... and the next block's come dequantized from INT8
+    producer = {output: node for node in graph.node for output in node.output}
+    dequantize = producer[convolutions[3].input[1]]
+    assert dequantize.op_type == "DequantizeLinear"
+    assert initialisers[dequantize.input[0]].data_type == onnx.TensorProto.INT8
 
 
 def test_requantized_release_keeps_the_fp32_graph_and_says_so(smoke_release: Path, tmp_path: Path) -> None:
