@@ -19,7 +19,7 @@ CARD_FILE = "card.json"
 # the release that `make run`, the benchmarks and the evaluation use unless told otherwise;
 # models/pvqc-cell/registry.json records the same version as active. Anchored at the checkout, so
 # `pvqc serve` finds it from any working directory.
-SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "pvqc-cell" / "1.2.1"
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "pvqc-cell" / "1.2.2"
 ELPV_LICENCE_NOTE = (
     "Trained on the ELPV dataset (Buerhop-Lutz et al., Deitsch et al.), whose images are licensed "
     "CC BY-NC-SA 4.0: this model is for non-commercial evaluation. A factory retrains it on its own "

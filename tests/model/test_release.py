@@ -35,5 +35,6 @@ def test_int8_agrees_with_fp32_on_validation_cells() -> None:
     int8 = onnx_probabilities(onnx_session(card.onnx_path(RELEASE, "int8")), cells)
     threshold = card.operating_points.threshold
     assert np.mean((fp32 >= threshold) == (int8 >= threshold)) >= 0.95
-    # on any x86 CPU: 1.2.0's 8-bit weights drifted by 0.07 on average on one without VNNI
-    assert float(np.mean(np.abs(fp32 - int8))) <= 0.03
+    # on any x86 CPU: 1.2.0's 8-bit weights drifted by 0.07 on average on one without VNNI; 1.2.1
+    # (stem in float) read 0.023 on these cells, 1.2.2 (first block in float too) 0.012
+    assert float(np.mean(np.abs(fp32 - int8))) <= 0.02
