@@ -8,14 +8,18 @@ Owns the path from "an inspection was stored" to every connected screen:
   that changed.
 - A broker numbers each snapshot and delivers it to every replica: `InProcessBroker` (embedded)
   or `RedisBroker` (pub/sub, ids from one Redis counter, so ids compare across replicas). The
-  same code runs both ways; `make_broker` picks by `PVQC_BROKER_URL`.
-- The hub side (`deliver`, `connect`, `disconnect`) keeps the latest snapshot per line and the
-  last `sse_replay_events` events for `Last-Event-ID` resumes, bounds its clients
-  (`sse_max_clients`), and gives each a bounded queue: a client too slow to keep up is resynced
-  with the latest snapshots instead of growing memory.
+  same code runs both ways; `make_broker` picks by `PVQC_BROKER_URL`. The Redis reader outlives a
+  Redis outage: it waits (capped backoff), subscribes again, and has every line re-sent, since
+  events published meanwhile never reached this replica. `LiveEvents.health` says whether the
+  live stream is up, for /healthz.
+- The hub side (`deliver`, `connect`, `disconnect`) keeps the latest snapshot per line (the one
+  that arrived last: ids start again at 1 when Redis restarts without its data) and the last
+  `sse_replay_events` events for `Last-Event-ID` resumes, bounds its clients (`sse_max_clients`),
+  and gives each a bounded queue: a client too slow to keep up is resynced with the latest
+  snapshots instead of growing memory.
 - `sse_stream` is one client's byte stream, with a keep-alive comment every
-  `sse_keepalive_seconds`; a disconnect cancels it (or is seen between events) and its `finally`
-  unregisters the client.
+  `sse_keepalive_seconds`; each event reaches it once; a disconnect cancels it (or is seen between
+  events) and its `finally` unregisters the client.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 EVENT_NAME = "line"
 RETRY_MS = 2000  # how soon a browser reconnects after the stream drops
 DISCONNECT_CHECK_SECONDS = 5.0
+SUBSCRIBE_TIMEOUT_SECONDS = 10.0  # a Redis host that drops packets would otherwise hang a (re)subscribe
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,9 @@ class LiveEvent:
     line_id: str
     payload: dict[str, Any]
     frame: bytes  # the SSE text, encoded once for every client
+    # this replica's arrival number: ids go backwards when Redis's counter is reset, and two
+    # replicas' events can arrive out of id order; this one only grows
+    arrival: int
 
 
 def sse_frame(event_id: int, payload: dict[str, Any]) -> bytes:
@@ -58,10 +66,17 @@ def sse_frame(event_id: int, payload: dict[str, Any]) -> bytes:
 
 
 Deliver = Callable[[int, dict[str, Any]], None]
+Reconnected = Callable[[], None]  # called when the broker hears events again after missing some
+
+
+def _nothing() -> None:
+    pass
 
 
 class Broker(Protocol):
-    async def start(self, deliver: Deliver) -> None: ...
+    connected: bool  # False while events published by any replica may not reach this one
+
+    async def start(self, deliver: Deliver, reconnected: Reconnected = _nothing) -> None: ...
     async def publish(self, payload: dict[str, Any]) -> None: ...
     async def stop(self) -> None: ...
 
@@ -72,9 +87,11 @@ class InProcessBroker:
     def __init__(self) -> None:
         self._deliver: Deliver | None = None
         self._next_id = 0
+        self.connected = False
 
-    async def start(self, deliver: Deliver) -> None:
+    async def start(self, deliver: Deliver, reconnected: Reconnected = _nothing) -> None:
         self._deliver = deliver
+        self.connected = True
 
     async def publish(self, payload: dict[str, Any]) -> None:
         self._next_id += 1
@@ -83,10 +100,16 @@ class InProcessBroker:
 
     async def stop(self) -> None:
         self._deliver = None
+        self.connected = False
 
 
 class RedisBroker:
     """Redis pub/sub: every replica publishes to one channel and hears every replica's events."""
+
+    # the wait before subscribing again, doubled per failure up to the maximum: a screen stays stale
+    # at most that long (plus redis-py's own retries) once Redis is back
+    reconnect_first_seconds = 0.5
+    reconnect_max_seconds = 10.0
 
     def __init__(self, url: str, prefix: str) -> None:
         import redis.asyncio as redis
@@ -94,27 +117,70 @@ class RedisBroker:
         self.client = redis.Redis.from_url(url)
         self.channel = f"{prefix}:events"
         self.counter = f"{prefix}:event-id"
+        self.connected = False  # a subscription confirmed and no error since
+        self._confirmed_before = False
         self._reader: asyncio.Task[None] | None = None
 
-    async def start(self, deliver: Deliver) -> None:
-        pubsub = self.client.pubsub()
-        await pubsub.subscribe(self.channel)
-        self._reader = asyncio.create_task(self._read(pubsub, deliver), name="pvqc-redis-events")
+    async def start(self, deliver: Deliver, reconnected: Reconnected = _nothing) -> None:
+        pubsub = await self._subscribe()  # Redis unreachable at start fails the start, as before
+        self._reader = asyncio.create_task(self._read(pubsub, deliver, reconnected), name="pvqc-redis-events")
 
-    async def _read(self, pubsub: Any, deliver: Deliver) -> None:
+    async def _subscribe(self) -> Any:
+        pubsub = self.client.pubsub()
         try:
-            while True:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if message is None:
-                    continue
-                try:
-                    body = json.loads(message["data"])
-                    deliver(int(body["id"]), body["payload"])
-                except (ValueError, KeyError, TypeError):
-                    log.warning("ignored a malformed message on %s", self.channel)
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT_SECONDS):
+                await pubsub.subscribe(self.channel)
+        except BaseException:
+            await _close(pubsub)
+            raise
+        return pubsub
+
+    async def _read(self, pubsub: Any, deliver: Deliver, reconnected: Reconnected) -> None:
+        """Hear the channel until stopped: an outage longer than redis-py's own retries (a ConnectionError
+        out of `get_message`) is waited out and the channel subscribed again, so one outage does not end
+        this replica's live stream for good."""
+        delay = 0.0
+        while True:
+            try:
+                if pubsub is None:
+                    pubsub = await self._subscribe()
+                await self._listen(pubsub, deliver, reconnected)
+            except Exception as exc:  # connection errors above all; any other must not end the stream either
+                delay = _next_delay(
+                    delay, self.connected, self.reconnect_first_seconds, self.reconnect_max_seconds
+                )
+                _log_lost(exc, self.connected, delay)
+                self.connected = False
+            finally:
+                if pubsub is not None:
+                    await _close(pubsub)
+                pubsub = None
+            await asyncio.sleep(delay)
+
+    async def _listen(self, pubsub: Any, deliver: Deliver, reconnected: Reconnected) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is None:
+                continue
+            if message["type"] == "subscribe":
+                # confirmed: at start, after our own re-subscribe, or after redis-py reconnected by
+                # itself within its retries; but for the first, events were missed meanwhile
+                self.connected = True
+                if self._confirmed_before:
+                    log.info("live events: subscribed to %s again; every line is re-sent", self.channel)
+                    reconnected()
+                self._confirmed_before = True
+            elif message["type"] == "message":
+                self._hand_on(message, deliver)
+
+    def _hand_on(self, message: dict[str, Any], deliver: Deliver) -> None:
+        try:
+            body = json.loads(message["data"])
+            event_id, payload = int(body["id"]), body["payload"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed message on %s", self.channel)
+            return
+        deliver(event_id, payload)
 
     async def publish(self, payload: dict[str, Any]) -> None:
         event_id = int(await self.client.incr(self.counter))
@@ -126,6 +192,27 @@ class RedisBroker:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
         await self.client.aclose()
+
+
+def _log_lost(exc: Exception, was_connected: bool, delay: float) -> None:
+    from redis.exceptions import RedisError
+
+    if not isinstance(exc, RedisError | OSError):  # not an outage: a bug, whose traceback is wanted
+        log.error("live events: the Redis reader failed; subscribing again in %.1f s", delay, exc_info=exc)
+    elif was_connected:
+        log.warning("live events: lost Redis (%s); subscribing again in %.1f s", exc, delay)
+    else:
+        log.info("live events: Redis still unreachable (%s); next try in %.1f s", exc, delay)
+
+
+def _next_delay(delay: float, was_connected: bool, first: float, most: float) -> float:
+    """Wait `first` after losing a working connection, then twice as long per failed try, at most `most`."""
+    return first if was_connected else min(max(first, 2 * delay), most)
+
+
+async def _close(pubsub: Any) -> None:
+    with contextlib.suppress(Exception):  # closing a connection to a Redis that is gone may fail too
+        await pubsub.aclose()
 
 
 def make_broker(settings: Settings) -> Broker:
@@ -147,6 +234,9 @@ class Client:
     line_id: str | None  # a line key's stream carries only its own line
     queue: asyncio.Queue[LiveEvent | object]
     resyncs: int = 0
+    # the hub's arrival number up to which this client has been given the state (catch-up, resync):
+    # a queued event at or below it is already covered and is not sent twice
+    covered: int = 0
 
     def wants(self, line_id: str) -> bool:
         return self.line_id is None or self.line_id == line_id
@@ -160,8 +250,9 @@ class LiveEvents:
         self.sessions = sessions
         self.broker = broker
         self.clients: set[Client] = set()
-        self.latest: dict[str, LiveEvent] = {}
+        self.latest: dict[str, LiveEvent] = {}  # per line, the event that arrived last
         self.recent: deque[LiveEvent] = deque(maxlen=settings.sse_replay_events)
+        self.arrivals = 0  # events delivered to this hub, since start
         self._sent: dict[str, dict[str, Any]] = {}  # what this replica last saw per line, for "changed?"
         self._dirty: set[str] = set()
         self.resyncs = 0  # clients that fell behind, since start (a load test wants none)
@@ -172,8 +263,27 @@ class LiveEvents:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.broker.start(self.deliver)
+        await self.broker.start(self.deliver, self.resend_all)
         self._task = asyncio.create_task(self._refresh_forever(), name="pvqc-live-refresher")
+
+    def health(self) -> dict[str, object]:
+        """For /healthz: whether this replica's screens get live updates now, and if not, why."""
+        if self._task is None or self._task.done():
+            return {
+                "status": "down",
+                "reason": "the snapshot refresher is not running",
+                "clients": len(self.clients),
+            }
+        if not self.broker.connected:
+            reason = "the event broker is unreachable: reconnecting, screens are not updated meanwhile"
+            return {"status": "down", "reason": reason, "clients": len(self.clients)}
+        return {"status": "ok", "clients": len(self.clients)}
+
+    def resend_all(self) -> None:
+        """The broker missed events (an outage): recompute every line and publish it even if unchanged."""
+        self._sent.clear()
+        self._dirty |= set(self.settings.lines)
+        self._wake.set()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -213,9 +323,10 @@ class LiveEvents:
             self._dirty = set()
             try:
                 await self.refresh(sorted(lines))
-            except Exception:  # a database hiccup must not end live updates for good
+            except Exception:  # a database or broker hiccup must not end live updates for good
                 log.exception("live refresh of %s failed", sorted(lines))
                 self._dirty |= lines
+                self._wake.set()  # try those lines again after the pause, not at the next full pass
                 await anyio.sleep(1.0)
             await anyio.sleep(self.settings.events_min_interval_seconds)
 
@@ -231,8 +342,10 @@ class LiveEvents:
             line_id = snapshot["line_id"]
             if self._sent.get(line_id) == snapshot:
                 continue
-            self._sent[line_id] = snapshot
             await self.broker.publish({**snapshot, "generated_at": now.isoformat()})
+            # only once it went out: remembered before, a failed publish would read as sent, and an
+            # idle line (whose snapshot stays equal) would never be published again
+            self._sent[line_id] = snapshot
 
     def _compute(self, lines: list[str], now: datetime) -> list[dict[str, Any]]:
         return [line_snapshot(self.sessions, self.settings, line_id, now) for line_id in lines]
@@ -242,12 +355,13 @@ class LiveEvents:
     def deliver(self, event_id: int, payload: dict[str, Any]) -> None:
         """A numbered snapshot from the broker (any replica's): keep it and hand it to every client."""
         line_id = str(payload.get("line_id"))
-        event = LiveEvent(event_id, line_id, payload, sse_frame(event_id, payload))
+        self.arrivals += 1
+        event = LiveEvent(event_id, line_id, payload, sse_frame(event_id, payload), self.arrivals)
         self._sent[line_id] = {k: v for k, v in payload.items() if k != "generated_at"}
         self.recent.append(event)
-        current = self.latest.get(line_id)
-        if current is None or current.id < event_id:
-            self.latest[line_id] = event
+        # the last to arrive, not the highest id: after Redis restarted without its data the ids
+        # start again at 1, and the highest would freeze every new screen on a snapshot from before
+        self.latest[line_id] = event
         for client in self.clients:
             if client.wants(line_id):
                 self._offer(client, event)
@@ -275,15 +389,27 @@ class LiveEvents:
 
     def catch_up(self, client: Client, last_event_id: int | None) -> list[LiveEvent]:
         """Events a (re)connecting client needs: those after its last one, else the latest per line."""
-        if last_event_id is not None:
-            ids = [e.id for e in self.recent]
-            if last_event_id in ids:
-                after = list(self.recent)[ids.index(last_event_id) + 1 :]
-                return [e for e in after if client.wants(e.line_id)]
-        return self.snapshot_for(client)
+        after = self._after(last_event_id) if last_event_id is not None else None
+        if after is None:
+            return self.snapshot_for(client)
+        client.covered = self.arrivals
+        return [e for e in after if client.wants(e.line_id)]
+
+    def _after(self, last_event_id: int) -> list[LiveEvent] | None:
+        """The events that arrived after this id, or None where that cannot be told."""
+        recent = list(self.recent)
+        at = [i for i, e in enumerate(recent) if e.id == last_event_id]
+        # unknown (too old), above the newest id (from before the counter was reset), or there twice
+        # (once on each side of a reset): the client starts again from the latest state
+        if len(at) != 1 or last_event_id > recent[-1].id:
+            return None
+        return recent[at[0] + 1 :]
 
     def snapshot_for(self, client: Client) -> list[LiveEvent]:
-        return sorted((e for e in self.latest.values() if client.wants(e.line_id)), key=lambda e: e.id)
+        """The latest state whole, in arrival order: the newest last, so that a browser's next
+        Last-Event-ID names it."""
+        client.covered = self.arrivals
+        return sorted((e for e in self.latest.values() if client.wants(e.line_id)), key=lambda e: e.arrival)
 
 
 async def sse_stream(
@@ -300,8 +426,11 @@ async def sse_stream(
     check_every = min(keepalive, DISCONNECT_CHECK_SECONDS)
     silent = 0.0
     try:
+        # taken in the same step as registering, before the first yield: an event arriving from now on
+        # is queued and not in the catch-up (taken after it, one landing meanwhile was in both)
+        backlog = hub.catch_up(client, last_event_id)
         yield f"retry: {RETRY_MS}\n\n".encode()
-        for event in hub.catch_up(client, last_event_id):
+        for event in backlog:
             yield event.frame
         while True:
             try:
@@ -318,7 +447,7 @@ async def sse_stream(
             if item is RESYNC:
                 for event in hub.snapshot_for(client):
                     yield event.frame
-            elif isinstance(item, LiveEvent):
+            elif isinstance(item, LiveEvent) and item.arrival > client.covered:
                 yield item.frame
     finally:
         hub.disconnect(client)

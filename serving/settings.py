@@ -4,14 +4,17 @@ Owns: every knob of the service and its defaults. Each default serves the embedd
 mode (SQLite file and frame files under `./var/`, the shipped model under `models/`); the cluster
 mode is chosen by overriding values (e.g. `PVQC_DATABASE_URL=postgresql+psycopg://...`), never by
 code forks. Nested values come from JSON env values, e.g.
-`PVQC_LINES='{"L1": {"rows": 6, "cols": 10}}'`.
+`PVQC_LINES='{"L1": {"rows": 6, "cols": 10}}'`. Also the shift windows: shift start times are wall-clock
+times in `timezone`, turned into instants date by date with that zone's daylight-saving rules.
 """
 
 from __future__ import annotations
 
 import os
-from datetime import datetime, time, timedelta
+from collections.abc import Iterable
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,7 +41,8 @@ class LineConfig(BaseModel):
     takt_seconds: float = Field(default=30.0, gt=0.0, description="expected seconds between modules")
     shift_starts: list[time] = Field(
         default_factory=lambda: [time(6, 0), time(14, 0), time(22, 0)],
-        description="local shift start times; the current shift is the latest one that has begun",
+        description="shift start times in the service's `timezone`; the current shift is the latest "
+        "one that has begun",
     )
     name: str = ""
 
@@ -83,6 +87,11 @@ class Settings(BaseSettings):
 
     # lines
     lines: dict[str, LineConfig] = Field(default_factory=_default_lines)
+    timezone: str = Field(
+        default="",
+        description="IANA name of the factory's time zone (e.g. Europe/Berlin), in which shift start "
+        "times are read; empty: the machine's (TZ, else /etc/localtime; a container's is UTC)",
+    )
 
     # input limits
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
@@ -141,6 +150,18 @@ class Settings(BaseSettings):
         default=0.02, ge=0.0, le=1.0, description="share of PASS modules put in the review queue"
     )
 
+    @field_validator("timezone")
+    @classmethod
+    def _an_iana_zone(cls, name: str) -> str:
+        if name:
+            try:
+                ZoneInfo(name)
+            except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: "Europe" is a folder
+                raise ValueError(
+                    f"expected an IANA time zone name such as Europe/Berlin, got {name!r}"
+                ) from exc
+        return name
+
     @model_validator(mode="after")
     def _lines_not_empty(self) -> Settings:
         if not self.lines:
@@ -161,6 +182,11 @@ class Settings(BaseSettings):
         return self.ort_threads or max(1, usable_cores() // self.resolved_inference_workers)
 
     @property
+    def zone(self) -> tzinfo:
+        """The time zone shift start times are read in, with its daylight-saving rules."""
+        return ZoneInfo(self.timezone) if self.timezone else local_zone()
+
+    @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.var_dir / 'pvqc.db'}"
 
@@ -169,22 +195,46 @@ class Settings(BaseSettings):
         return self.frames_dir or self.var_dir / "frames"
 
 
-def shift_start(line: LineConfig, now: datetime) -> datetime:
-    """The latest configured shift start at or before `now` (local time of `now`)."""
-    starts = sorted(line.shift_starts)
-    today = [now.replace(hour=s.hour, minute=s.minute, second=0, microsecond=0) for s in starts]
-    begun = [t for t in today if t <= now]
-    if begun:
-        return begun[-1]
-    return today[-1] - timedelta(days=1)  # before the first shift of the day: last night's shift
+def local_zone() -> tzinfo:
+    """The machine's time zone with its rules: what `TZ` names, else /etc/localtime (as libc reads them)."""
+    name = os.environ.get("TZ")
+    if name == "":
+        return UTC  # TZ set but empty means UTC to the C library
+    spec = "/etc/localtime" if name is None else name.removeprefix(":")
+    try:
+        if spec.startswith("/"):
+            with Path(spec).open("rb") as file:
+                return ZoneInfo.from_file(file)
+        return ZoneInfo(spec)
+    except (OSError, ValueError, ZoneInfoNotFoundError):
+        # a POSIX rule string (TZ=CET-1CEST,...) or no zone files: today's offset, as before the
+        # `timezone` setting existed (setting it brings the daylight-saving rules)
+        return datetime.now().astimezone().tzinfo or UTC
 
 
-def shift_end(line: LineConfig, start: datetime) -> datetime:
-    """When the shift that began at `start` ends: the next configured shift start after it."""
-    for day in (0, 1):
-        for s in sorted(line.shift_starts):
-            candidate = start.replace(hour=s.hour, minute=s.minute, second=0, microsecond=0)
-            candidate += timedelta(days=day)
-            if candidate > start:
-                return candidate
-    return start + timedelta(days=1)  # a single shift start: the shift lasts a day
+def _starts(line: LineConfig, days: Iterable[date], zone: tzinfo) -> list[datetime]:
+    """The line's shift starts on these dates, as UTC instants in order.
+
+    Built per date with the zone's rules: a shift on the far side of a daylight-saving change is not
+    an hour off, as `replace()` or +-1 day on a fixed-offset datetime (today's offset) would make it.
+    Compared in UTC: aware datetimes sharing a tzinfo compare by wall time, wrong in the repeated hour.
+    """
+    return sorted(
+        datetime.combine(day, s, tzinfo=zone).astimezone(UTC) for day in days for s in line.shift_starts
+    )
+
+
+def shift_start(line: LineConfig, now: datetime, zone: tzinfo) -> datetime:
+    """The latest configured shift start at or before `now` (an aware datetime), in `zone`."""
+    today = now.astimezone(zone).date()
+    # yesterday's starts all lie before today's midnight, so the list is never empty
+    begun = [t for t in _starts(line, (today - timedelta(days=1), today), zone) if t <= now]
+    return begun[-1].astimezone(zone)
+
+
+def shift_end(line: LineConfig, start: datetime, zone: tzinfo) -> datetime:
+    """When the shift that began at `start` ends: the next configured shift start after it, in `zone`.
+
+    With one start a day, the same wall-clock time the next day (23 or 25 hours across a change)."""
+    day = start.astimezone(zone).date()
+    return next(t for t in _starts(line, (day, day + timedelta(days=1)), zone) if t > start).astimezone(zone)

@@ -3,7 +3,8 @@
 Owns: a line's snapshot (pass rate over the last N modules, the last hour and the current shift;
 counts; reviews pending; the shift's trend in fixed time buckets; the last failed modules with
 their defective cells' outlines) and its alarm state: the pass rate below the line's floor, or no
-frame for longer than its takt during a shift the line has worked. The snapshot is plain JSON,
+frame for longer than its takt, both only during a shift the line has worked (a line stopped since
+an earlier shift is idle, whatever its last modules were). The snapshot is plain JSON,
 whole, so a screen that receives it needs nothing earlier (which makes resuming a stream simple).
 Blocking: called from a worker thread.
 """
@@ -39,7 +40,8 @@ def line_snapshot(
     sessions: sessionmaker[Session], settings: Settings, line_id: str, now: datetime
 ) -> dict[str, Any]:
     line = settings.lines[line_id]
-    shift = shift_start(line, now.astimezone())
+    zone = settings.zone
+    shift = shift_start(line, now, zone)
     bucket = settings.trend_bucket_minutes * 60
     with sessions() as session:
         last = _last_n(session, line_id, settings.stats_default_last)
@@ -57,7 +59,7 @@ def line_snapshot(
         "takt_seconds": line.takt_seconds,
         "last_n": settings.stats_default_last,
         "shift_start": shift.astimezone(UTC).isoformat(),
-        "shift_end": shift_end(line, shift).astimezone(UTC).isoformat(),
+        "shift_end": shift_end(line, shift, zone).astimezone(UTC).isoformat(),
         "bucket_seconds": bucket,
         "windows": windows,
         "reviews_pending": pending,
@@ -180,15 +182,17 @@ def _alarm(
     line: LineConfig, windows: dict[str, Any], last_at: datetime | None, shift: datetime, now: datetime
 ) -> dict[str, Any]:
     reasons = []
+    # both alarms judge a line at work: the last-N window of a line stopped since an earlier shift is
+    # history, and alarming on it would hold ALARM on an idle line until N new modules arrive
+    worked_this_shift = last_at is not None and last_at >= shift
     rate = windows["last"]["pass_rate"]
-    if rate is not None and rate < line.pass_rate_floor:
+    if worked_this_shift and rate is not None and rate < line.pass_rate_floor:
         reasons.append(
             {
                 "kind": AlarmKind.LOW_PASS_RATE.value,
                 "message": f"pass rate {rate:.0%} is below the floor of {line.pass_rate_floor:.0%}",
             }
         )
-    worked_this_shift = last_at is not None and last_at >= shift
     if worked_this_shift and last_at is not None:
         silent = (now - last_at).total_seconds()
         if silent > line.takt_seconds:

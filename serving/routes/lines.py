@@ -113,7 +113,7 @@ async def line_stats(
     elif window is Window.HOUR:
         since = datetime.now(UTC) - timedelta(hours=1)
     else:
-        since = shift_start(line, datetime.now().astimezone())
+        since = shift_start(line, datetime.now(UTC), services.settings.zone)
     stats = await anyio.to_thread.run_sync(
         lambda: pass_rate(services.sessions, line_id, since=since, last=count)
     )

@@ -101,7 +101,7 @@ def test_snapshot_on_both_databases(client: TestClient) -> None:
     settings = services.settings
     now = datetime.now(UTC)
     bucket = timedelta(minutes=settings.trend_bucket_minutes)
-    start = shift_start(settings.lines["L1"], now.astimezone())
+    start = shift_start(settings.lines["L1"], now, settings.zone)
     # two modules seconds apart in the shift's first bucket, one in its second bucket
     placed = {"P1": start + timedelta(seconds=1), "F1": start + timedelta(seconds=7), "P2": start + bucket}
     with services.sessions() as session:
@@ -114,6 +114,34 @@ def test_snapshot_on_both_databases(client: TestClient) -> None:
     first = datetime.fromisoformat(snapshot["trend"][0]["t"])  # buckets are aligned to the epoch
     assert first <= start < first + bucket
     assert snapshot["reviews_pending"] == 1
+
+
+def test_an_idle_line_is_idle_whatever_its_last_shift_s_pass_rate(make_settings: MakeSettings) -> None:
+    """A line stopped overnight after a bad run: no alarm until it works again this shift."""
+    from sqlalchemy import update
+
+    from serving.db import Inspection
+
+    settings = live_settings(make_settings)
+    with TestClient(create_app(settings), headers=AUTH) as client:
+        for i in range(8):
+            post(client, "L1", f"P{i}", L1_PASS)
+        for i in range(2):
+            post(client, "L1", f"F{i}", L1_FAIL)  # 8 of 10 = 0.8: below the floor of 0.9
+        services = client.app.state.services  # type: ignore[attr-defined]
+        now = datetime.now(UTC)
+        shift = datetime.fromisoformat(line_snapshot(services.sessions, settings, "L1", now)["shift_start"])
+        with services.sessions() as session:  # all of it in the shift before this one
+            session.execute(update(Inspection).values(created_at=shift - timedelta(hours=1)))
+            session.commit()
+        idle = line_snapshot(services.sessions, settings, "L1", now)
+        assert idle["windows"]["last"]["pass_rate"] == 0.8
+        assert idle["alarm"] == {"state": "idle", "reasons": []}
+
+        post(client, "L1", "P9", L1_PASS)  # the line works again: 9 of 11 is still below the floor
+        working = line_snapshot(services.sessions, settings, "L1", datetime.now(UTC))
+        assert working["alarm"]["state"] == "alarm"
+        assert [r["kind"] for r in working["alarm"]["reasons"]] == ["low_pass_rate"]
 
 
 # -- the stream -----------------------------------------------------------------------------------
@@ -463,3 +491,201 @@ def test_stop_waits_for_the_snapshot_query_in_flight(make_settings: MakeSettings
         return finished.is_set()
 
     assert asyncio.run(run()) is True
+
+
+# -- the hub: failed publishes, each event once, a reset event counter, a Redis outage ---------------
+
+
+async def _never_disconnected() -> bool:
+    return False
+
+
+async def _stream_ids(stream: Any, wait: float = 0.3) -> list[int]:
+    """The ids of the events a stream sends until it has been quiet for `wait` seconds (which ends it)."""
+    ids = []
+    while True:
+        try:
+            frame = await asyncio.wait_for(anext(stream), wait)
+        except TimeoutError:
+            return ids
+        if frame.startswith(b"id: "):
+            ids.append(int(frame.split(b"\n", 1)[0].removeprefix(b"id: ")))
+
+
+async def _next_id(stream: Any) -> int:
+    """The id of the next event a stream sends (the stream goes on)."""
+    async with asyncio.timeout(2):
+        while not (frame := await anext(stream)).startswith(b"id: "):
+            pass
+    return int(frame.split(b"\n", 1)[0].removeprefix(b"id: "))
+
+
+def _fixed_snapshots(lines: list[str], now: datetime) -> list[dict[str, Any]]:
+    return [{"line_id": line_id, "alarm": {"state": "idle", "reasons": []}} for line_id in lines]
+
+
+def test_a_failed_publish_is_published_again(make_settings: MakeSettings) -> None:
+    """An idle line's snapshot that failed to go out is not taken for sent: the retry publishes it."""
+    from serving.live import InProcessBroker, LiveEvents
+
+    class BlippingBroker(InProcessBroker):
+        failures = 1
+
+        async def publish(self, payload: dict[str, Any]) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("the broker blipped")
+            await super().publish(payload)
+
+    async def run() -> set[str]:
+        # no periodic pass within the test: only the retry of the failed refresh can publish
+        settings = make_settings(alarm_check_seconds=60, events_min_interval_seconds=0.0)
+        hub = LiveEvents(settings, None, BlippingBroker())  # type: ignore[arg-type]
+        hub._compute = _fixed_snapshots  # type: ignore[method-assign]
+        await hub.start()
+        try:
+            deadline = time.monotonic() + 5
+            while len(hub.latest) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert hub.health()["status"] == "ok"  # a failed publish is a hiccup, not a stream that is down
+        finally:
+            await hub.stop()
+        assert hub.health()["status"] == "down"
+        return set(hub.latest)
+
+    assert asyncio.run(run()) == {"L1", "L2"}
+
+
+def test_a_stream_sends_each_event_once_on_connect_and_on_resume(make_settings: MakeSettings) -> None:
+    """An event arriving while the stream's first bytes are written is sent once, not in both the
+    catch-up and the queue."""
+    from serving.live import InProcessBroker, LiveEvents, sse_stream
+
+    async def run(last_event_id: int | None) -> list[int]:
+        hub = LiveEvents(make_settings(), None, InProcessBroker())  # type: ignore[arg-type]
+        await hub.broker.start(hub.deliver)
+        await hub.broker.publish({"line_id": "L1", "n": 1})
+        await hub.broker.publish({"line_id": "L2", "n": 2})
+        stream = sse_stream(hub, None, last_event_id, 15.0, _never_disconnected)
+        assert (await anext(stream)).startswith(b"retry: ")  # registered; suspended at its first yield
+        await hub.broker.publish({"line_id": "L1", "n": 3})
+        ids = await _stream_ids(stream)
+        await stream.aclose()
+        assert not hub.clients
+        return ids
+
+    assert asyncio.run(run(None)) == [1, 2, 3]
+    assert asyncio.run(run(1)) == [2, 3]
+
+
+def test_after_the_event_counter_resets_the_newest_arrival_is_the_latest(make_settings: MakeSettings) -> None:
+    """Redis restarted without persistence: ids start again at 1, and screens must follow them."""
+    from serving.live import InProcessBroker, LiveEvents, sse_stream
+
+    async def ids_and_latest(hub: LiveEvents, last_event_id: int | None) -> tuple[list[int], Any]:
+        stream = sse_stream(hub, None, last_event_id, 15.0, _never_disconnected)
+        ids = await _stream_ids(stream)
+        await stream.aclose()
+        return ids, {line_id: e.payload["n"] for line_id, e in hub.latest.items()}
+
+    async def run() -> None:
+        hub = LiveEvents(make_settings(), None, InProcessBroker())  # type: ignore[arg-type]
+        hub.deliver(4999, {"line_id": "L2", "n": "before"})
+        hub.deliver(5000, {"line_id": "L1", "n": "before"})
+        hub.deliver(1, {"line_id": "L1", "n": "after"})  # the counter was reset
+        assert hub.latest["L1"].payload["n"] == "after"
+        # a new screen, and one whose last id is above the counter: the latest state, newest last
+        # (so the browser's next Last-Event-ID is the newest id)
+        assert await ids_and_latest(hub, None) == ([4999, 1], {"L1": "after", "L2": "before"})
+        assert (await ids_and_latest(hub, 5000))[0] == [4999, 1]
+        hub.deliver(2, {"line_id": "L2", "n": "after"})
+        # a screen that saw the new event 1 resumes after it
+        assert (await ids_and_latest(hub, 1))[0] == [2]
+
+        # a connected screen keeps getting events when the ids go backwards
+        hub.deliver(3, {"line_id": "L1", "n": "again"})
+        stream = sse_stream(hub, "L1", None, 15.0, _never_disconnected)
+        assert await _next_id(stream) == 3
+        hub.deliver(1, {"line_id": "L1", "n": "reset twice"})
+        assert await _next_id(stream) == 1
+        await stream.aclose()
+
+    asyncio.run(run())
+
+
+@pytest.mark.redis
+def test_the_redis_reader_outlives_an_outage_and_resends_every_line(
+    make_settings: MakeSettings, redis_prefix: str
+) -> None:
+    """Redis goes away for longer than redis-py retries: the reader waits, subscribes again, and every
+    line's snapshot is sent again (events published meanwhile were missed)."""
+    import redis.exceptions
+
+    from serving.live import LiveEvents, RedisBroker
+
+    health_in_outage: list[dict[str, object]] = []
+    gone: dict[str, Any] = {}
+
+    async def run() -> None:
+        broker = RedisBroker(REDIS_URL, redis_prefix)
+        broker.reconnect_first_seconds = 0.05  # the first retry at once: the test waits for it
+        settings = make_settings(alarm_check_seconds=60, events_min_interval_seconds=0.0)
+        hub = LiveEvents(settings, None, broker)  # type: ignore[arg-type]
+        hub._compute = _fixed_snapshots  # type: ignore[method-assign]
+        made: list[Any] = []
+        real_pubsub = broker.client.pubsub
+
+        def flaky_pubsub(**kwargs: Any) -> Any:
+            pubsub = real_pubsub(**kwargs)
+            made.append(pubsub)
+            if len(made) == 1:  # Redis goes away once the first snapshot has arrived
+                real_get = pubsub.get_message
+
+                async def get_message(**kw: Any) -> Any:
+                    if "latest" in gone:
+                        raise redis.exceptions.ConnectionError(
+                            "Error 111 connecting to redis. Connection refused."
+                        )
+                    message = await real_get(**kw)
+                    if message is not None and message.get("type") == "message":
+                        gone["latest"] = None
+                    return message
+
+                pubsub.get_message = get_message
+            elif len(made) == 2:  # and is still away at the first attempt to subscribe again
+
+                async def subscribe(*args: Any, **kw: Any) -> None:
+                    health_in_outage.append(hub.health())
+                    raise redis.exceptions.ConnectionError(
+                        "Error 111 connecting to redis. Connection refused."
+                    )
+
+                pubsub.subscribe = subscribe
+            return pubsub
+
+        broker.client.pubsub = flaky_pubsub  # type: ignore[method-assign]
+        await hub.start()
+        try:
+            deadline = time.monotonic() + 5
+            while "latest" not in gone and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert "latest" in gone, "the first snapshot never arrived"
+            await asyncio.sleep(0.05)
+            before = {line_id: event.id for line_id, event in hub.latest.items()}
+
+            def resent() -> bool:
+                return all(
+                    line_id in hub.latest and hub.latest[line_id].id > before.get(line_id, 0)
+                    for line_id in ("L1", "L2")
+                )
+
+            deadline = time.monotonic() + 5
+            while not resent() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert resent(), "the screens never heard from Redis again after the outage"
+            assert health_in_outage and health_in_outage[0]["status"] == "down"
+            assert hub.health()["status"] == "ok"
+        finally:
+            await hub.stop()
+
+    asyncio.run(run())

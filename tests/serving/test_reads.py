@@ -64,8 +64,8 @@ def test_list_filter_paginate_and_stats(client: TestClient) -> None:
 def test_shift_start_is_the_latest_begun_shift() -> None:
     line = LineConfig(shift_starts=[time(6), time(14), time(22)])
     day = datetime(2026, 3, 2, 15, 30, tzinfo=UTC)
-    assert shift_start(line, day) == datetime(2026, 3, 2, 14, 0, tzinfo=UTC)
-    assert shift_start(line, day.replace(hour=3)) == datetime(2026, 3, 1, 22, 0, tzinfo=UTC)
+    assert shift_start(line, day, UTC) == datetime(2026, 3, 2, 14, 0, tzinfo=UTC)
+    assert shift_start(line, day.replace(hour=3), UTC) == datetime(2026, 3, 1, 22, 0, tzinfo=UTC)
 
 
 def test_metrics_exposes_the_issue_s_series(sqlite_client: TestClient) -> None:
@@ -105,7 +105,9 @@ def test_inference_workers_share_out_the_cores(monkeypatch) -> None:
 def test_lines_are_listed(sqlite_client: TestClient) -> None:
     lines = sqlite_client.get("/lines").json()
     assert set(lines) == {"L1", "L2"} and lines["L2"]["cols"] == 24
-    assert sqlite_client.get("/healthz").json()["model"]["version"] == "0.0.0-test"
+    health = sqlite_client.get("/healthz").json()
+    assert health["model"]["version"] == "0.0.0-test"
+    assert health["live"] == {"status": "ok", "clients": 0}  # the screens' stream is running
 
 
 def test_a_line_without_shift_starts_is_refused_at_configuration() -> None:
