@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 import time
 import uuid
 from collections import Counter
@@ -23,7 +24,7 @@ import cv2
 import httpx
 import numpy as np
 
-from datasets.elpv import ElpvCells, load_elpv
+from datasets.elpv import DatasetError, ElpvCells, load_elpv
 from datasets.synthetic import SyntheticFrame, generate_frames
 
 log = logging.getLogger(__name__)
@@ -169,10 +170,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """`pvqc simulate-line`: exit status 0 when at least one frame was judged (a verdict came back)."""
+    """`pvqc simulate-line`: exit status 0 when at least one frame was judged (a verdict came back),
+    1 when none was, 2 when the ELPV cells it renders frames from are missing."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cells = load_elpv()
+    try:
+        cells = load_elpv()
+    except DatasetError as exc:  # no ELPV data here: one line, as every pvqc command ends on bad input
+        sys.stderr.write(f"error: {exc}\n")  # the command's own line, not a log record
+        return 2
     outcomes = run(args, cells)
     log.info(
         "sent %d frames to %s: %s", sum(outcomes.values()), module_url(args.url, args.line), dict(outcomes)

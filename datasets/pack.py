@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 import tarfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from datasets.elpv import DatasetError, elpv_root, load_elpv, read_labels, split
 
 log = logging.getLogger("datasets.pack")
 LABELS = "labels.csv"
+PACK_INFO = "pack.json"  # what the pack holds: its parts and its count of cells
 PARTS = ("train", "validation", "test")
 WEBP_LOSSLESS = [cv2.IMWRITE_WEBP_QUALITY, 101]  # OpenCV: quality above 100 selects lossless
 
@@ -70,7 +72,7 @@ def write_pack(out: Path, parts: Sequence[str], root: Path | None = None) -> dic
     tmp = out.with_suffix(".partial")
     with tarfile.open(tmp, "w") as archive:
         _add(archive, LABELS, (root / LABELS).read_bytes())
-        _add(archive, "pack.json", json.dumps({"parts": list(parts), "cells": len(cells)}).encode())
+        _add(archive, PACK_INFO, json.dumps({"parts": list(parts), "cells": len(cells)}).encode())
         for image, name in zip(cells.images, cells.names, strict=True):
             _add(archive, str(Path(name).with_suffix(".webp")), encode_lossless(image, str(name)))
     tmp.replace(out)  # a pack that exists is complete
@@ -80,12 +82,36 @@ def write_pack(out: Path, parts: Sequence[str], root: Path | None = None) -> dic
 
 
 def read_pack(pack: Path, dest: Path) -> int:
-    """Unpack into `dest` (labels.csv, images/*.png); returns the number of cells written."""
+    """Unpack into `dest` (labels.csv, images/*.png); returns the number of cells written.
+
+    The pack must be whole: its labels parse, and it holds the cells its pack.json counts, each one
+    named in the labels file. A truncated copy (a transfer cut short) is refused, not half unpacked
+    in silence.
+    """
     if not pack.is_file():
         raise DatasetError(f"expected an ELPV pack file at {pack}")
     if not tarfile.is_tarfile(pack):
         raise DatasetError(f"{pack} is not an ELPV pack (expected a tar file)")
-    written = 0
+    if dest.exists() and not dest.is_dir():
+        raise DatasetError(f"{dest} is a file; expected a folder to unpack into (existing or new)")
+    try:
+        written = unpack_members(pack, dest)
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        # tarfile's own and its decompressors' errors for a file cut short or damaged
+        raise DatasetError(
+            f"{pack} is truncated or damaged ({' '.join(str(exc).split())}); expected a whole pack "
+            "written by `datasets.pack write`"
+        ) from exc
+    except OSError as exc:  # writes are DatasetErrors already: this is the pack itself (gzip's errors too)
+        raise DatasetError(f"cannot read {pack} as an ELPV pack: {' '.join(str(exc).split())}") from exc
+    check_unpacked(pack, dest, written)
+    log.info("unpacked %d cells into %s", len(written), dest)
+    return len(written)
+
+
+def unpack_members(pack: Path, dest: Path) -> list[str]:
+    """Write every member under `dest`, the cells as PNG; returns the cells' names as in labels.csv."""
+    written = []
     with tarfile.open(pack, "r") as archive:
         for member in archive.getmembers():
             handle = archive.extractfile(member)
@@ -94,21 +120,55 @@ def read_pack(pack: Path, dest: Path) -> int:
             payload = handle.read()
             if not (dest / member.name).resolve().is_relative_to(dest.resolve()):
                 raise DatasetError(f"{pack}: {member.name!r} would land outside {dest}; not an ELPV pack")
-            if member.name in (LABELS, "pack.json"):
-                (dest / member.name).parent.mkdir(parents=True, exist_ok=True)
-                (dest / member.name).write_bytes(payload)
+            if member.name in (LABELS, PACK_INFO):
+                write_file(dest / member.name, payload)
                 continue
             image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_GRAYSCALE)
             if image is None:
                 raise DatasetError(f"{pack}: {member.name} is not a readable WebP image")
-            target = dest / Path(member.name).with_suffix(".png")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(target), image)
-            written += 1
+            name = str(Path(member.name).with_suffix(".png"))
+            ok, png = cv2.imencode(".png", image)
+            if not ok:
+                raise DatasetError(f"OpenCV could not encode {name} as PNG")
+            write_file(dest / name, png.tobytes())
+            written.append(name)
+    return written
+
+
+def write_file(path: Path, payload: bytes) -> None:
+    """Write one unpacked file, its folder made as needed; a destination that cannot be written is
+    a DatasetError, so the command ends with one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(payload)
+    except OSError as exc:
+        problem = exc.strerror or str(exc)
+        raise DatasetError(f"cannot write {path} ({problem}); expected a writable folder") from exc
+
+
+def check_unpacked(pack: Path, dest: Path, cells: list[str]) -> None:
+    """The labels parse, pack.json's count of cells was unpacked, and every cell is a labelled one."""
     if not (dest / LABELS).is_file():
         raise DatasetError(f"{pack} holds no {LABELS}; expected a pack written by `datasets.pack write`")
-    log.info("unpacked %d cells into %s", written, dest)
-    return written
+    names, _, _ = read_labels(dest / LABELS)  # a DatasetError naming the line for garbage
+    if len(names) == 0:
+        raise DatasetError(f"{pack}: its {LABELS} lists no cells; expected ELPV's labels")
+    try:
+        info = json.loads((dest / PACK_INFO).read_text())
+        expected = info["cells"]
+    except (OSError, ValueError, TypeError, KeyError):
+        raise DatasetError(
+            f"{pack} holds no readable {PACK_INFO} with its count of cells; expected a pack written by "
+            "`datasets.pack write`"
+        ) from None
+    if expected != len(cells):
+        raise DatasetError(f"{pack} holds {len(cells)} cells but its {PACK_INFO} says {expected}; incomplete")
+    unlabelled = sorted(set(cells) - set(names.tolist()))
+    if unlabelled:
+        raise DatasetError(
+            f"{pack}: {len(unlabelled)} cell(s) its {LABELS} does not name, e.g. {unlabelled[0]}; "
+            "expected the labels the cells were packed with"
+        )
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -129,6 +189,10 @@ def cli(argv: list[str] | None = None) -> int:
             print(json.dumps({"cells": read_pack(args.pack, args.dest), "root": str(args.dest)}))
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing a pack: its folder inside a file, a disk that is full
+        problem = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        print(f"error: {problem}; expected a pack path that can be written", file=sys.stderr)
         return 2
     return 0
 

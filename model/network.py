@@ -132,9 +132,7 @@ def load_pretrained(model: CellClassifier) -> str:
         if not path.is_file():
             raise WeightsError(f"{IMAGENET_VARIABLE} names {path}, which is not a file")
         source = f"{source}, through a copy of its weights ({path.name})"
-    packaged = [
-        t for k, t in torch.load(path, map_location="cpu").items() if not k.endswith("num_batches_tracked")
-    ]
+    packaged = packaged_tensors(path, model.architecture)
     targets = [
         (k, t)
         for k, t in model.backbone.state_dict().items()
@@ -151,6 +149,22 @@ def load_pretrained(model: CellClassifier) -> str:
         raise WeightsError(f"weights left unloaded: {missing}")
     log.info("loaded ImageNet weights for %s from %s", model.architecture, path)
     return source
+
+
+def packaged_tensors(path: Path, architecture: str) -> list[torch.Tensor]:
+    """The tensors of a weights file (a package's, or a copy of them), in their order, without batch-norm's
+    step counters; a file that is not such a mapping ends with a message saying what was expected."""
+    expected = f"expected {architecture}'s ImageNet weights as a PyTorch file of named tensors"
+    try:
+        state = torch.load(path, map_location="cpu")
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError... by how it is broken
+        # the first line only: weights-only unpickling explains itself over a dozen
+        detail = (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
+        raise WeightsError(f"{path} is not readable by torch.load ({detail}); {expected}") from exc
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        kind = type(state).__name__
+        raise WeightsError(f"{path} holds a {kind}, not a mapping of names to tensors; {expected}")
+    return [t for k, t in state.items() if not str(k).endswith("num_batches_tracked")]
 
 
 def build_classifier(

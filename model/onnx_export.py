@@ -54,6 +54,7 @@ def export_onnx(model: object, path: Path, image_size: int) -> Path:
 
 
 def onnx_session(path: Path, threads: int = 0) -> object:
+    """An onnxruntime CPU session for a graph that keeps the contract (`check_contract`)."""
     import onnxruntime as ort
 
     if not path.is_file():
@@ -62,9 +63,21 @@ def onnx_session(path: Path, threads: int = 0) -> object:
     if threads:
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) per cause
         raise ModelFileError(f"onnxruntime cannot load {path}: {' '.join(str(exc).split())}") from exc
+    check_contract(path, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+    return session
+
+
+def check_contract(path: Path, inputs: list[str], outputs: list[str]) -> None:
+    """Refuse a graph whose tensor names are not the contract's: it loads, but every caller feeds
+    `image` and reads `probability`, and would fail later with onnxruntime's less telling message."""
+    if inputs != [INPUT_NAME] or not {PROBABILITY_OUTPUT, CAM_OUTPUT} <= set(outputs):
+        raise ModelFileError(
+            f"{path} is not a pvqc cell classifier: expected the input {INPUT_NAME!r} and the outputs "
+            f"{PROBABILITY_OUTPUT!r} and {CAM_OUTPUT!r}; it has input(s) {inputs} and output(s) {outputs}"
+        )
 
 
 def onnx_probabilities(session: object, cells: np.ndarray, batch_size: int = 32) -> np.ndarray:

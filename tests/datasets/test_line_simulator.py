@@ -135,3 +135,12 @@ def test_does_not_import_the_service() -> None:
     modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     modules |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not any(name.split(".")[0] in {"serving", "training"} for name in modules)
+
+
+def test_missing_elpv_data_ends_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PVQC_ELPV_ROOT", str(tmp_path / "nowhere"))
+    assert simulator.cli(["--count", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: expected ELPV labels at") and "\n" not in err
