@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,10 +71,33 @@ class TrainConfig:
         )
 
     def validate(self) -> None:
+        """Refuse values no run can use, before any data loads or any file is written. What this machine
+        has (a GPU for device: cuda) is the training script's check: a sweep of GPU runs is checked here on
+        a machine without one before the GPU machine's time is spent."""
+        from model.network import PRETRAINED_SOURCES
+
         checks = [
+            (
+                self.architecture in PRETRAINED_SOURCES,
+                f"unknown architecture {self.architecture!r}; expected one of {sorted(PRETRAINED_SOURCES)}",
+            ),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
+            (0 < self.lr < math.inf, "lr must be a number > 0"),
+            (0 <= self.weight_decay < math.inf, "weight_decay must be a number >= 0"),
+            (0 <= self.drop_rate < 1, "drop_rate must be in [0, 1)"),
+            # numpy's global seed takes 32 bits, and each rank seeds with seed + rank
+            (0 <= self.seed < 2**31, "seed must be in 0..2147483647"),
+            (self.threads >= 0, "threads must be >= 0 (0: all cores)"),
+            (
+                self.limit_train is None or self.limit_train >= 1,
+                "limit_train must be >= 1 cells (or null: all)",
+            ),
+            (
+                self.limit_validation is None or self.limit_validation >= 1,
+                "limit_validation must be >= 1 cells (or null: all)",
+            ),
+            (bool(self.out_dir.strip()), "out_dir must name a folder"),
             (0 <= self.warmup_fraction < 1, "warmup_fraction must be in [0, 1)"),
             (
                 self.image_size == INPUT_SIZE,
@@ -89,7 +113,7 @@ class TrainConfig:
             (0 <= self.rotate_degrees <= 45, "rotate_degrees must be in [0, 45]"),
             (0.1 <= self.resample_min <= 1, "resample_min must be in [0.1, 1]"),
             (0 <= self.shading < 1, "shading must be in [0, 1)"),
-            (self.noise_sigma >= 0, "noise_sigma must be >= 0"),
+            (0 <= self.noise_sigma < math.inf, "noise_sigma must be a number >= 0"),
             (
                 not self.cache_frozen or not self.camera_augmentation,
                 "shift, scale, rotate_degrees, resample_min, shading and noise_sigma need cache_frozen: "
@@ -100,7 +124,7 @@ class TrainConfig:
                 not self.reviewed_weights or len(self.reviewed_weights) == len(self.reviewed_sets),
                 "reviewed_weights must give one weight per reviewed set",
             ),
-            (all(w > 0 for w in self.reviewed_weights), "reviewed_weights must be > 0"),
+            (all(0 < w < math.inf for w in self.reviewed_weights), "reviewed_weights must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -36,6 +36,10 @@ log = logging.getLogger("training.evaluate")
 REPORT_FILES = ("report.json", "report.md", "roc.png", "confusion.png", "reliability.png")
 
 
+class ReportError(ValueError):
+    """A report folder that cannot be written."""
+
+
 def test_cells(limit: int | None = None) -> ElpvCells:
     """The committed test split's cells (checked against the rule), or its first `limit`."""
     root = elpv_root()
@@ -176,6 +180,8 @@ def evaluate_release(
     threads: int = 0,
 ) -> ModelCard:
     """Score every ONNX variant of a release folder; write the report; put metrics into the card."""
+    if out.exists() and not out.is_dir():  # refused before the test cells load and the model runs
+        raise ReportError(f"--out {out} is a file; expected a folder for the report (existing or new)")
     card = read_card(folder)
     cells = test_cells(limit)
     if limit is None:
@@ -242,8 +248,12 @@ def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         card = evaluate_release(args.model, args.out, args.tta, args.limit, args.update_card, args.threads)
-    except (CardError, DatasetError, ModelFileError) as exc:
+    except (CardError, DatasetError, ModelFileError, ReportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a report folder inside a file, a disk that is full, a release not readable
+        problem = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        print(f"error: {problem}; expected --out to be a folder for the report", file=sys.stderr)
         return 2
     summary = json.loads((args.out / "report.json").read_text())["variants"]
     print(

@@ -7,7 +7,7 @@ the metrics in the card and a report beside it.
 
 `--from-release DIR` instead makes a new release from DIR's FP32 graph, byte for byte, with the INT8
 graph quantized again by this code: a quantization fix needs no checkpoint, which may be on another
-machine (`python -m training.export --from-release models/pvqc-cell/1.2.0 --out ... --version 1.2.1`).
+machine (`python -m training.export --from-release models/pvqc-cell/1.2.1 --out ... --version 1.2.2`).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ from model.onnx_export import (
     export_onnx,
     quantize_int8,
 )
+from training.evaluate import ReportError
 from training.metrics import REVIEW_FLAG_BUDGET, accuracy_threshold, flagged_share, review_threshold
-from training.train import load_checkpoint, model_from_checkpoint
+from training.train import load_checkpoint, model_from_checkpoint, os_problem
 
 log = logging.getLogger("training.export")
 MODEL_NAME = "pvqc-cell"
@@ -177,6 +178,12 @@ def validation_as_served(
     return predict(fp32, cells.images, tta=False), labels, "single view through the exported graph, as served"
 
 
+def check_out_folder(out: Path) -> None:
+    """Refuse a release folder that is a file before minutes of export work are spent."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; expected a folder for the release (existing or new)")
+
+
 def main(
     checkpoint: Path,
     out: Path,
@@ -186,6 +193,7 @@ def main(
     calibration_cells: int = CALIBRATION_CELLS,
     notes: str = "",
 ) -> ModelCard:
+    check_out_folder(out)
     state = load_checkpoint(checkpoint)
     model = model_from_checkpoint(state)
     size = int(state["config"]["image_size"])
@@ -230,6 +238,7 @@ def requantize(
     and provenance, says where the INT8 graph came from, and drops the source's test metrics until
     `evaluate` measures this release's own.
     """
+    check_out_folder(out)
     card = read_card(source)
     if out.resolve() == source.resolve():
         raise ExportError(f"expected --out to be a new release folder, not the source {source}")
@@ -280,14 +289,20 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--notes", default="", help="how and where it was trained, for the card")
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="single view instead of 8")
     args = parser.parse_args(argv)
+    if args.calibration_cells < 1:
+        # no cells would leave the INT8 quantizer without ranges and the parity check without cells
+        parser.error(f"--calibration-cells expects >= 1 training cells, got {args.calibration_cells}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         make, source = (requantize, args.from_release) if args.from_release else (main, args.checkpoint)
         card = make(
             source, args.out, args.version, args.evaluate, args.tta, args.calibration_cells, args.notes
         )
-    except (WeightsError, DatasetError, ExportError, CardError) as exc:
+    except (WeightsError, DatasetError, ExportError, CardError, ReportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # --out naming a file, a disk that is full, a release file not readable
+        print(f"error: {os_problem(exc)}; expected --out to be a folder for the release", file=sys.stderr)
         return 2
     print(json.dumps({"out": str(args.out), "version": card.version, "metrics": card.metrics}))
     return 0

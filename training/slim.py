@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from model.network import WeightsError
-from training.train import load_checkpoint, save_checkpoint
+from training.train import load_checkpoint, os_problem, save_checkpoint, torch_save
 
 log = logging.getLogger("training.slim")
 TRAINING_ONLY_KEYS = ("optimizer", "scheduler")
@@ -42,6 +42,7 @@ def slim_state(state: dict[str, Any], half: bool) -> dict[str, Any]:
 
 def slim_checkpoint(source: Path, dest: Path, half: bool) -> dict[str, Any]:
     state = load_checkpoint(source)
+    dest.parent.mkdir(parents=True, exist_ok=True)  # a new file in a new folder, as `imagenet` allows
     save_checkpoint(dest, **slim_state(state, half))
     summary = {"source": str(source), "dest": str(dest), "bytes": dest.stat().st_size, "half": half}
     log.info("slimmed %s to %s (%d bytes)", source, dest, summary["bytes"])
@@ -64,7 +65,7 @@ def imagenet_weights(architecture: str, dest: Path, half: bool) -> dict[str, Any
         if not k.endswith("num_batches_tracked") and not k.startswith("classifier.")
     }
     dest.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(tensors, dest)
+    torch_save(tensors, dest)
     summary: dict[str, Any] = {"architecture": architecture, "source": source, "dest": str(dest)}
     summary["bytes"] = dest.stat().st_size
     log.info("wrote %d ImageNet tensors of %s to %s", len(tensors), architecture, dest)
@@ -91,6 +92,9 @@ def cli(argv: list[str] | None = None) -> int:
             print(json.dumps(imagenet_weights(args.architecture, args.dest, args.half)))
     except WeightsError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # DEST inside a file, a folder that cannot be written, a disk that is full
+        print(f"error: {os_problem(exc)}; expected DEST to be a writable file path", file=sys.stderr)
         return 2
     return 0
 

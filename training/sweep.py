@@ -23,6 +23,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import subprocess
 import sys
 import time
@@ -51,19 +52,41 @@ def read_sweep(path: Path) -> tuple[float, list[Run]]:
         raise ConfigError(f"expected a sweep file at {path}")
     try:
         values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    unknown = sorted(set(values) - {"deadline_s", "runs"})
-    if unknown or not isinstance(values.get("runs"), dict) or not values["runs"]:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        # the parser's message runs over several lines; the promise is one line
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read the sweep file {path} ({exc.strerror or exc})") from exc
+    if (
+        not isinstance(values, dict)
+        or set(values) - {"deadline_s", "runs"}
+        or not isinstance(values.get("runs"), dict)
+        or not values["runs"]
+    ):
         raise ConfigError(f"expected {path} to hold 'runs' (name: {{config, set}}) and 'deadline_s' only")
-    runs = []
-    for name, spec in values["runs"].items():
-        if not isinstance(spec, dict) or "config" not in spec or set(spec) - {"config", "set"}:
-            raise ConfigError(f"run {name!r} of {path}: expected {{config: FILE, set: {{KEY: VALUE}}}}")
-        run = Run(str(name), Path(spec["config"]), dict(spec.get("set") or {}))
-        load_config(run.config, run.overrides)  # a typo ends the sweep before any machine time is spent
-        runs.append(run)
-    return float(values.get("deadline_s", 3600)), runs
+    deadline_s = values.get("deadline_s", 3600)
+    # bool is an int to Python, but `deadline_s: yes` is no number of seconds
+    number = isinstance(deadline_s, int | float) and not isinstance(deadline_s, bool)
+    if not number or not 0 < deadline_s < math.inf:
+        raise ConfigError(f"deadline_s of {path}: expected a number of seconds > 0, got {deadline_s!r}")
+    runs = [read_run(path, name, spec) for name, spec in values["runs"].items()]
+    return float(deadline_s), runs
+
+
+def read_run(path: Path, name: object, spec: object) -> Run:
+    """One run of a sweep file, its config loaded with its overrides (a typo ends the sweep before any
+    machine time is spent)."""
+    expected = f"run {name!r} of {path}: expected {{config: FILE, set: {{KEY: VALUE}}}}"
+    if not isinstance(spec, dict) or "config" not in spec or set(spec) - {"config", "set"}:
+        raise ConfigError(expected)
+    config, overrides = spec["config"], spec.get("set") or {}
+    if not isinstance(config, str) or not config:
+        raise ConfigError(f"{expected}; its config is {config!r}, not a file name")
+    if not isinstance(overrides, dict) or not all(isinstance(key, str) for key in overrides):
+        raise ConfigError(f"{expected}; its set is {overrides!r}, not a mapping of config keys")
+    run = Run(str(name), Path(config), dict(overrides))
+    load_config(run.config, run.overrides)
+    return run
 
 
 def start(run: Run, work: Path) -> subprocess.Popen[bytes]:

@@ -6,8 +6,10 @@ for the 8 dihedral views, the epoch loop (soft BCE, dihedral, brightness/contras
 augmentation from training/augment.py, AdamW with one-cycle, bf16 autocast on CUDA, channels-last),
 validation averaged over dihedral views, checkpoints, CSV and TensorBoard.
 
-Runs under `torchrun --nproc-per-node N` (gloo on CPU, nccl on CUDA): each process takes its share of the
-batches, gradients are all-reduced, rank 0 alone writes.
+Runs under `torchrun --nproc-per-node N` (gloo on CPU, nccl on CUDA): each process takes an equal share of
+the epoch's cells, gradients and the logged training loss are all-reduced, rank 0 alone writes and prints.
+Everything random in an epoch is seeded from (seed, epoch, rank) when the epoch starts, so a run stopped
+with `--stop-after` and continued with `--resume` repeats the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import math
 import os
 import platform
 import random
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -51,6 +54,8 @@ def setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     """(rank, world size, device); initialises the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device is cuda but no CUDA GPU is available here; expected cpu or auto")
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     if world > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -61,10 +66,53 @@ def setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+def is_root_process() -> bool:
+    """Whether this process is rank 0 (or the only one): the one that writes files and prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds; epoch_seed gives 63-bit ones
     torch.manual_seed(seed)
+
+
+# what an epoch seed is for: streams of the same (seed, epoch, rank) must not draw the same numbers
+ORDER_STREAM, AUGMENT_STREAM, GLOBAL_STREAM = 0, 1, 2
+
+
+def epoch_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
+    """A seed computed from scratch for one epoch of one rank: nothing random carries over from the epoch
+    before, so a resumed run draws exactly what an uninterrupted one drew."""
+    state = np.random.SeedSequence([seed, epoch, rank, stream]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))  # 63 bits: what torch.Generator.manual_seed takes as an int
+
+
+def epoch_order(
+    weights: np.ndarray, by_weight: bool, seed: int, epoch: int, rank: int, world: int
+) -> torch.Tensor:
+    """This rank's cells (indices) for one epoch.
+
+    Every rank draws the same permutation (or, with `by_weight`, the same draw with replacement) and
+    takes its own interleaved share. The draw is padded by repeating its start up to a multiple of
+    `world`, as DistributedSampler does, so every rank runs the same number of batches: a rank with one
+    batch fewer would leave the others waiting forever in the gradient all-reduce. Padding rather than
+    dropping the remainder keeps every cell in every epoch (a few are seen twice), which matters for
+    small reviewed sets.
+    """
+    n = len(weights)
+    shared = torch.Generator().manual_seed(epoch_seed(seed, epoch, 0, ORDER_STREAM))  # rank 0's on every rank
+    order = torch.multinomial(torch.from_numpy(weights).float(), n, replacement=by_weight, generator=shared)
+    padded = math.ceil(n / world) * world
+    return order.repeat(math.ceil(padded / n))[:padded][rank::world]
+
+
+def epoch_loss(running: float, seen: int, world: int, device: torch.device) -> float:
+    """Mean training loss of the epoch over all ranks' cells, not only this rank's share."""
+    totals = torch.tensor([running, float(seen)], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(totals)  # sums: the loss-weighted cells and the cells, over every rank
+    return float(totals[0] / totals[1].clamp(min=1))
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -167,9 +215,25 @@ def set_train_mode(model: CellClassifier, frozen_blocks: int) -> None:
 # ---------------------------------------------------------------------------------------- checkpoints
 
 
+def torch_save(obj: object, path: Path) -> None:
+    """torch.save, with a path it cannot write (its parent missing, say) reported as the OSError it is:
+    torch's zip writer raises RuntimeError for those, which the scripts would not recognise."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        raise OSError(f"cannot write {path}: {' '.join(str(exc).split())}") from exc
+
+
+def os_problem(exc: OSError) -> str:
+    """One line for a failed file operation: what went wrong and where."""
+    if exc.strerror and exc.filename:
+        return f"{exc.strerror}: {exc.filename}"
+    return " ".join(str(exc).split())
+
+
 def save_checkpoint(path: Path, **state: Any) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+    torch_save({"format": CHECKPOINT_FORMAT, **state}, tmp)
     tmp.replace(path)  # atomic: a crash mid-write never leaves a half checkpoint
 
 
@@ -307,14 +371,27 @@ def camera_augment(config: TrainConfig) -> CameraAugment:
 def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None = None) -> dict[str, Any]:
     """Train; `stop_after` ends this process after that many epochs in total (the schedule still spans
     `config.epochs`), so a run can be split over time-boxed machines and continued with `resume`."""
+    out = Path(config.out_dir)
+    if out.exists() and not out.is_dir():  # every rank checks: none may start while rank 0 gives up
+        raise ConfigError(f"out_dir {out} is a file; expected a folder for the run (existing or new)")
     rank, world, device = setup_distributed(config)
     is_main = rank == 0
     seed_everything(config.seed + rank)
     if config.threads:
         torch.set_num_threads(config.threads)
-    out = Path(config.out_dir)
+
+    # the network first: missing ImageNet weights end the run before minutes of data loading
+    model, weights_source = build_classifier(config.architecture, config.pretrained, config.drop_rate)
+    start_block = config.freeze_blocks
+    if start_block:
+        freeze_early(model, start_block)
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot make out_dir {out} ({os_problem(exc)}); expected a folder for the run"
+            ) from exc
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
 
     train, val = training_cells(config)
@@ -331,10 +408,6 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
         "training on %d cells, validating on %d (world size %d, %s)", len(train), len(val), world, device
     )
 
-    model, weights_source = build_classifier(config.architecture, config.pretrained, config.drop_rate)
-    start_block = config.freeze_blocks
-    if start_block:
-        freeze_early(model, start_block)
     # channels-last: about 1.7x faster training on this CPU (oneDNN) and the fast layout on CUDA too
     model.to(device).to(memory_format=torch.channels_last)
 
@@ -380,18 +453,15 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
         writer = SummaryWriter(str(out / "tensorboard"))
     from tqdm import tqdm
 
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
     camera = camera_augment(config)
     last_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
     for epoch in range(first_epoch, last_epoch):
         started = time.perf_counter()
-        # every rank draws the same permutation, then takes its own interleaved share of it
-        order = torch.multinomial(
-            torch.from_numpy(sample_weights).float(),
-            len(train),
-            replacement=by_weight,
-            generator=torch.Generator().manual_seed(config.seed * 7919 + epoch),
-        )[rank::world]
+        order = epoch_order(sample_weights, by_weight, config.seed, epoch, rank, world)
+        # augmentation draws and the global RNG (dropout) start afresh each epoch from (seed, epoch, rank):
+        # a resumed epoch draws what it drew in an uninterrupted run, and each rank draws its own
+        generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch, rank, AUGMENT_STREAM))
+        seed_everything(epoch_seed(config.seed, epoch, rank, GLOBAL_STREAM))
         set_train_mode(model, start_block)
         running, seen = 0.0, 0
         batches = range(0, len(order), config.batch_size)
@@ -430,7 +500,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
         )
         row = {
             "epoch": epoch + 1,
-            "train_loss": running / max(seen, 1),
+            "train_loss": epoch_loss(running, seen, world, device),
             "val_loss": val_loss,
             "val_accuracy": metrics["accuracy"],
             "val_auc": metrics["roc_auc"] if metrics["roc_auc"] is not None else float("nan"),
@@ -486,17 +556,32 @@ def write_history(path: Path, history: list[dict[str, float]]) -> None:
         writer.writerows(history)
 
 
+# a number as people type it: JSON refuses .001 and 1.
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def override_value(raw: str) -> Any:
+    """One --set value: JSON where it parses (numbers, true/false, lists); else true/false in any case
+    (Python's True), a number as Python writes it (.001, 1.), or the text itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    if NUMBER.fullmatch(raw):
+        return int(raw) if raw.lstrip("+-").isdigit() else float(raw)
+    return raw
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` pairs; values are read as JSON where they parse (numbers, true/false, lists)."""
+    """`key=value` pairs, each value read by `override_value`."""
     overrides: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise ConfigError(f"expected key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
-        try:
-            overrides[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key] = raw
+        overrides[key] = override_value(raw)
     return overrides
 
 
@@ -511,6 +596,8 @@ def cli(argv: list[str] | None = None) -> int:
         "--stop-after", type=int, help="end after this many epochs; continue later with --resume"
     )
     args = parser.parse_args(argv)
+    if args.stop_after is not None and args.stop_after < 1:
+        parser.error(f"--stop-after expects a number of epochs >= 1, got {args.stop_after}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, parse_overrides(args.set))
@@ -518,7 +605,11 @@ def cli(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result))
+    except OSError as exc:  # a file where a folder should be, a disk that is full, a file not readable
+        print(f"error: {os_problem(exc)}; expected readable inputs and a writable out_dir", file=sys.stderr)
+        return 2
+    if is_root_process():  # one result line per run, not one per rank
+        print(json.dumps(result))
     return 0
 
 

@@ -130,3 +130,74 @@ def test_evaluate_a_release_whose_onnx_is_not_a_model(tmp_path: Path) -> None:
     (release / "model.onnx").write_bytes(b"not a protobuf")
     done = run(["training.evaluate", "--model", str(release), "--out", str(tmp_path / "r"), "--limit", "4"])
     assert_one_line_error(done, "onnxruntime cannot load")
+
+
+def test_evaluate_a_release_whose_onnx_breaks_the_contract(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, save_model
+
+    from model.card import SHIPPED_MODEL_DIR
+
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "card.json").write_text((SHIPPED_MODEL_DIR / "card.json").read_text())
+    # a graph that loads, but whose input is `x` where every caller feeds `image`
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["probability"]), helper.make_node("Identity", ["x"], ["cam"])],
+        "other-names",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 300, 300])],
+        [
+            helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1, 300, 300]),
+            helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["batch", 1, 300, 300]),
+        ],
+    )
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), release / "model.onnx")
+    done = run(["training.evaluate", "--model", str(release), "--out", str(tmp_path / "r"), "--limit", "4"])
+    assert_one_line_error(done, "expected the input 'image' and the outputs 'probability' and 'cam'")
+
+
+def test_config_value_out_of_range(tmp_path: Path) -> None:
+    done = run(["training.train", "--set", "limit_train=0", f"out_dir={tmp_path / 'run'}"])
+    assert_one_line_error(done, "limit_train must be >= 1")
+    assert not (tmp_path / "run").exists()
+
+
+def assert_one_line_return(code: int, capsys: pytest.CaptureFixture[str], expected: str) -> None:
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("cells", ["0", "-3"])
+def test_export_refuses_fewer_than_one_calibration_cell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], cells: str
+) -> None:
+    from training.export import cli
+
+    argv = ["--checkpoint", "x.pt", "--out", str(tmp_path), "--version", "1", "--calibration-cells", cells]
+    with pytest.raises(SystemExit) as caught:
+        cli(argv)
+    assert caught.value.code == 2
+    assert f"--calibration-cells expects >= 1 training cells, got {cells}" in capsys.readouterr().err
+
+
+def test_export_into_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from training.export import cli
+
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    code = cli(["--checkpoint", str(tmp_path / "x.pt"), "--out", str(taken), "--version", "1"])
+    assert_one_line_return(code, capsys, "expected a folder for the release")
+
+
+def test_evaluate_into_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from training.evaluate import cli
+
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    assert_one_line_return(
+        cli(["--out", str(taken), "--limit", "1"]), capsys, "expected a folder for the report"
+    )
+    assert_one_line_return(
+        cli(["--out", str(taken / "inside"), "--limit", "1"]), capsys, "expected --out to be a folder"
+    )

@@ -37,11 +37,21 @@ def test_a_typo_in_any_run_ends_the_sweep_before_it_starts(tmp_path: Path) -> No
         ("runs:\n  a: {cfg: configs/elpv-lite0-gpu.yaml}\n", "expected {config"),
         ("runs:\n  a: {config: configs/missing.yaml}\n", "expected a config file"),
         ("runs: [\n", "not valid YAML"),
+        ("runs:\n  a: {config: configs/elpv-lite0-cpu.yaml}\n deadline_s: 3\n", "not valid YAML"),
+        ("5\n", "expected"),
+        ("runs: [a, b]\n", "expected"),
+        ("deadline_s: abc\nruns:\n  a: {config: configs/elpv-lite0-cpu.yaml}\n", "deadline_s of .*got 'abc'"),
+        ("deadline_s: -5\nruns:\n  a: {config: configs/elpv-lite0-cpu.yaml}\n", "number of seconds > 0"),
+        ("deadline_s: yes\nruns:\n  a: {config: configs/elpv-lite0-cpu.yaml}\n", "number of seconds > 0"),
+        ("runs:\n  a: {config: configs/elpv-lite0-cpu.yaml, set: [1, 2]}\n", "not a mapping of config keys"),
+        ("runs:\n  a: {config: 5}\n", "its config is 5, not a file name"),
+        ("runs:\n  a: {config: configs/elpv-lite0-cpu.yaml, set: {lr: fast}}\n", "lr: input should be"),
     ],
 )
 def test_malformed_sweep_files_say_what_was_expected(tmp_path: Path, text: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as caught:
         read_sweep(write(tmp_path / "s.yaml", text))
+    assert "\n" not in str(caught.value)  # the promise: one line
 
 
 def test_cli_reports_a_bad_sweep_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
