@@ -24,6 +24,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("inspections") as batch:
+    # recreate="never": SQLite (3.35 and later) drops a column in place. Alembic's default copies the
+    # table and drops the old one, and with foreign keys on that DROP TABLE deletes every cell and
+    # shadow result, or fails on the review decisions that point at the inspections.
+    with op.batch_alter_table("inspections", recreate="never") as batch:
         batch.drop_column("geometry_notes")
         batch.drop_column("modules_in_view")
