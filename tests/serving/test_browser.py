@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -206,6 +207,25 @@ def test_a_line_key_cannot_open_the_review_page(browser: Any, site: dict[str, An
     response = page.request.get(f"{base}/review/queue")
     assert response.status == 403
     shoot(page, "forbidden.png")
+    page.close()
+
+
+@pytest.mark.parametrize(
+    "next_path", ["%2F%5Cevil.example", "%2F%09%2Fevil.example", "https://evil.example/"]
+)
+def test_sign_in_never_sends_the_browser_to_another_site(
+    browser: Any, site: dict[str, Any], next_path: str
+) -> None:
+    # "/\evil.example" and "/<tab>/evil.example" start with one slash, yet browsers read them as
+    # "//evil.example": another origin
+    base = site["base"]
+    page = browser.new_page()
+    # never leave 127.0.0.1: a request to the other site is aborted (and the URL wait below fails)
+    page.route(lambda url: urlsplit(url).hostname == "evil.example", lambda route: route.abort())
+    page.goto(f"{base}/signin?next={next_path}")
+    page.fill("#key", site["keys"]["engineer"])
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{base}/screen")
     page.close()
 
 
