@@ -9,7 +9,9 @@ call them through `anyio.to_thread`.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -243,10 +245,18 @@ def effective_labels(session: Session, inspection: Inspection) -> EffectiveLabel
 def record_decision(
     sessions: sessionmaker[Session], inspection_id: int, decision: Decision, reviewer: str
 ) -> list[ReviewDecision]:
-    """Append one row per changed target, in one transaction; `before` is what was in force."""
-    with sessions() as session:
+    """Append one row per changed target, in one transaction; `before` is what was in force.
+
+    Decisions on one inspection take turns: two engineers saving at once would otherwise both read
+    the model's label as `before`, and the second would overwrite the first unseen. PostgreSQL locks
+    the inspection's row until the commit; SQLite (embedded mode: one process) takes a lock here.
+    """
+    with _one_writer(sessions), sessions() as session:
         inspection = session.scalars(
-            select(Inspection).options(selectinload(Inspection.cells)).where(Inspection.id == inspection_id)
+            select(Inspection)
+            .options(selectinload(Inspection.cells))
+            .where(Inspection.id == inspection_id)
+            .with_for_update(of=Inspection)
         ).first()
         if inspection is None:
             raise DecisionRefusedError(f"no inspection {inspection_id}", 404)
@@ -302,6 +312,17 @@ def record_decision(
         for row in rows:
             session.refresh(row)
         return rows
+
+
+_SQLITE_DECISIONS = threading.Lock()
+
+
+def _one_writer(sessions: sessionmaker[Session]) -> contextlib.AbstractContextManager[object]:
+    """SQLite ignores FOR UPDATE: one process serves it, so a lock in that process serialises."""
+    bind = sessions.kw.get("bind")
+    if bind is not None and bind.dialect.name == "sqlite":
+        return _SQLITE_DECISIONS
+    return contextlib.nullcontext()
 
 
 def _decision_row(

@@ -201,3 +201,37 @@ def test_heat_map_while_the_queue_is_full_is_503_with_retry_after(sqlite_client:
     assert heat.status_code == 503, heat.text
     assert "queue is full" in heat.json()["error"]
     assert heat.headers["Retry-After"] == str(services.settings.retry_after_seconds)  # as ingestion says
+
+
+def test_two_engineers_deciding_at_once_take_turns(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    import serving.review
+
+    inspection = post(client, "RACE", MID)  # REVIEW
+    real = serving.review.effective_labels
+
+    def slow_read(*args: Any) -> Any:  # widens the read-then-append window
+        labels = real(*args)
+        time.sleep(0.3)
+        return labels
+
+    monkeypatch.setattr(serving.review, "effective_labels", slow_read)
+    answers: list[int] = []
+
+    def decide_as(verdict: str) -> None:
+        answers.append(decide(client, inspection, {"module": verdict}).status_code)
+
+    engineers = [threading.Thread(target=decide_as, args=(v,)) for v in ("FAIL", "PASS")]
+    for engineer in engineers:
+        engineer.start()
+    for engineer in engineers:
+        engineer.join()
+    assert answers == [201, 201]
+    first, second = client.get("/review/decisions", params={"inspection_id": inspection}).json()
+    # the second saw the first's decision as what was in force, not the model's REVIEW
+    assert first["before"]["verdict"] == "REVIEW"
+    assert second["before"]["verdict"] == first["after"]["verdict"]
