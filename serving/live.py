@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -412,18 +413,28 @@ class LiveEvents:
         return sorted((e for e in self.latest.values() if client.wants(e.line_id)), key=lambda e: e.arrival)
 
 
+async def _always_allowed() -> bool:
+    return True
+
+
 async def sse_stream(
     hub: LiveEvents,
     line_id: str | None,
     last_event_id: int | None,
     keepalive: float,
     disconnected: Callable[[], Awaitable[bool]],
+    allowed: Callable[[], Awaitable[bool]] = _always_allowed,
 ) -> AsyncIterator[bytes]:
-    """One client's stream. It registers only once iterated, so its `finally` always unregisters."""
+    """One client's stream. It registers only once iterated, so its `finally` always unregisters.
+
+    `allowed` is asked again every few seconds: a stream outlives the request that checked its key,
+    and a revoked key's screen must stop hearing the lines (within the key cache's time).
+    """
     client = hub.connect(line_id)
     # a disconnect is noticed by cancellation (Starlette watches the socket) or, at the latest,
     # by this check between events: a closed screen never stays counted against the limit
     check_every = min(keepalive, DISCONNECT_CHECK_SECONDS)
+    next_check = time.monotonic() + check_every
     silent = 0.0
     try:
         # taken in the same step as registering, before the first yield: an event arriving from now on
@@ -434,10 +445,18 @@ async def sse_stream(
             yield event.frame
         while True:
             try:
-                item = await asyncio.wait_for(client.queue.get(), timeout=check_every)
+                item: object | None = await asyncio.wait_for(client.queue.get(), timeout=check_every)
             except TimeoutError:
+                item = None
+            # on the clock, not only when idle: a busy stream is checked as often as a quiet one
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + check_every
                 if await disconnected():
                     return
+                if not await allowed():
+                    log.info("live stream closed: its key is no longer valid")
+                    return
+            if item is None:
                 silent += check_every
                 if silent >= keepalive:
                     silent = 0.0

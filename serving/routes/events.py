@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 
-from serving.auth import LineRole, Role
+from serving.auth import LineRole, Role, presented_key
 from serving.deps import ServicesDep
 from serving.errors import ApiError
 from serving.live import sse_stream
@@ -38,7 +38,14 @@ async def events(
         )
     last = _event_id(last_event_id)
     line_id = principal.line_id if principal.role is Role.LINE else None
-    stream = sse_stream(hub, line_id, last, services.settings.sse_keepalive_seconds, request.is_disconnected)
+    key = presented_key(request)
+
+    async def still_allowed() -> bool:  # the key is checked again while the stream lasts
+        return key is not None and await services.keys.check(key) is not None
+
+    stream = sse_stream(
+        hub, line_id, last, services.settings.sse_keepalive_seconds, request.is_disconnected, still_allowed
+    )
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering either
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 

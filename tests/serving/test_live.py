@@ -155,6 +155,7 @@ class SseReader:
         self.comments = 0
         self.status: int | None = None
         self._stop = threading.Event()
+        self.ended = threading.Event()  # the service closed the stream
         self._headers = dict(headers)
         if last_event_id is not None:
             self._headers["Last-Event-ID"] = last_event_id
@@ -162,6 +163,14 @@ class SseReader:
         self._thread.start()
 
     def _read(self, base: str) -> None:
+        try:
+            self._read_stream(base)
+        except httpx.HTTPError:
+            pass  # a read timeout: the test decides what that means
+        else:
+            self.ended.set()
+
+    def _read_stream(self, base: str) -> None:
         timeout = httpx.Timeout(10, read=2)
         with (
             httpx.Client(base_url=base, timeout=timeout) as client,
@@ -327,6 +336,24 @@ def test_a_silent_line_raises_the_takt_alarm_on_the_stream(make_settings: MakeSe
             )
         finally:
             reader.close()
+
+
+def test_a_revoked_key_s_stream_ends(make_settings: MakeSettings) -> None:
+    # the key was checked when the stream opened; a stream lasts for days on a shop-floor screen
+    settings = live_settings(make_settings, sse_keepalive_seconds=0.5, auth_cache_seconds=0.5)
+    with serve_in_thread(settings) as address:
+        base = f"http://{address}"
+        with httpx.Client(base_url=base, headers=AUTH, timeout=10) as admin:
+            made = admin.post("/keys", json={"name": "screen-1", "role": "line", "line_id": "L1"}).json()
+            reader = SseReader(base, {"Authorization": f"Bearer {made['key']}"})
+            try:
+                assert reader.wait_for(lambda: reader.status == 200 and reader.comments > 0, 5)
+                assert not reader.ended.is_set()
+                admin.post(f"/keys/{made['id']}/revoke").raise_for_status()
+                # within the key cache's time and one check period (at most the keep-alive)
+                assert reader.ended.wait(4), "the revoked key's stream stayed open"
+            finally:
+                reader.close()
 
 
 @pytest.mark.slow
