@@ -140,6 +140,7 @@ class KeyChecker:
         self.sessions = sessions
         self.ttl = ttl
         self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._generation = 0  # bumped by forget(): a lookup begun before it must not refill the cache
 
     async def check(self, key: str) -> Principal | None:
         digest = hash_key(key)
@@ -147,13 +148,19 @@ class KeyChecker:
         cached = self._cache.get(digest)
         if cached is not None and now - cached[0] < self.ttl:
             return cached[1]
+        generation = self._generation
         principal = await anyio.to_thread.run_sync(lookup_key, self.sessions, key)
+        if generation != self._generation:
+            # a key was revoked while this lookup read the database: its answer may predate the
+            # revocation, so it is used once but not trusted for another `ttl`
+            return principal
         if len(self._cache) > 10_000:  # bounded: wrong keys from a scanner must not grow memory
             self._cache.clear()
         self._cache[digest] = (now, principal)
         return principal
 
     def forget(self) -> None:
+        self._generation += 1
         self._cache.clear()
 
 

@@ -249,3 +249,50 @@ def test_admin_sees_the_running_config_without_secrets(sqlite_client: TestClient
     assert "bootstrap_admin_key" not in config and ADMIN_KEY not in json.dumps(config)
     assert _hide_password("redis://app:s3cret@cache:6379/0") == "redis://app:***@cache:6379/0"
     assert _hide_password("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_a_lookup_in_flight_during_a_revocation_does_not_refill_the_cache(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import anyio
+    from sqlalchemy.orm import sessionmaker
+
+    import serving.auth
+    from serving.auth import KeyChecker, new_key, store_key
+    from serving.db import ApiKey, make_engine, upgrade_head, utcnow
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'keys.db'}")
+    upgrade_head(engine)
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    key = new_key()
+    row = store_key(sessions, "screen", Role.LINE, key, "L1")
+    read_the_key = serving.auth.lookup_key
+
+    def slow_lookup(*args: Any) -> Any:  # reads the row before the revocation commits
+        principal = read_the_key(*args)
+        time.sleep(0.2)
+        return principal
+
+    async def revoke_while_checking() -> tuple[Any, Any]:
+        checker = KeyChecker(sessions, ttl=60.0)
+
+        async def revoke() -> None:
+            await anyio.sleep(0.05)
+            with sessions() as session:
+                session.get_one(ApiKey, row.id).revoked_at = utcnow()
+                session.commit()
+            checker.forget()  # what POST /keys/{id}/revoke does
+
+        monkeypatch.setattr(serving.auth, "lookup_key", slow_lookup)
+        async with anyio.create_task_group() as group:
+            group.start_soon(revoke)
+            in_flight = await checker.check(key)
+        monkeypatch.setattr(serving.auth, "lookup_key", read_the_key)
+        return in_flight, await checker.check(key)
+
+    in_flight, after = anyio.run(revoke_while_checking)
+    engine.dispose()
+    assert in_flight is not None  # it read the key before the revocation
+    assert after is None  # ... but its answer was not kept for another minute
