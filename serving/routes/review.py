@@ -246,7 +246,14 @@ async def decisions(
     after_id: Annotated[int | None, Query(ge=0)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[DecisionOut]:
-    """The audit trail, oldest first (page on with `after_id` = the last id seen)."""
+    """The audit trail, oldest first (page on with `after_id` = the last id seen).
+
+    Paging through what is there is exact. Following the trail while engineers decide is not quite:
+    a decision takes its id when written and shows when committed, so on PostgreSQL two saves on
+    different modules at the same moment can show in the other order, and a reader that had seen
+    the higher id would page past the lower one. A consumer that tails the trail re-reads from a
+    little before its last id (say `after_id` = last - 50) and keeps the ids it has not seen.
+    """
     _aware(since=since)
     query = AuditQuery(inspection_id, reviewer, line_id, since, after_id, limit)
     return [decision_out(d) for d in await anyio.to_thread.run_sync(audit_trail, services.sessions, query)]
