@@ -32,11 +32,15 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+MIN_GRID = 2  # rows and columns of a module: with one, that axis has no gap to check the grid by
+
+
 class LineConfig(BaseModel):
     """One production line: its module grid and what the shop-floor screen needs to judge it."""
 
-    rows: int = Field(default=6, ge=1, le=64)
-    cols: int = Field(default=10, ge=1, le=64)
+    # at least 2 each: the geometry checks a module's grid against the gaps it sees between cells
+    rows: int = Field(default=6, ge=MIN_GRID, le=64)
+    cols: int = Field(default=10, ge=MIN_GRID, le=64)
     pass_rate_floor: float = Field(default=0.95, ge=0.0, le=1.0, description="alarm below this pass rate")
     takt_seconds: float = Field(default=30.0, gt=0.0, description="expected seconds between modules")
     shift_starts: list[time] = Field(

@@ -19,7 +19,7 @@ from serving.deps import BodyDep, FrameIdentityDep, LineDep, PrincipalDep, Servi
 from serving.errors import ApiError
 from serving.pipeline import FrameRequest, inspect_cell, inspect_module
 from serving.schemas import InspectionOut, PassRateOut
-from serving.settings import LineConfig, shift_start
+from serving.settings import MIN_GRID, LineConfig, shift_start
 from serving.store import pass_rate
 
 # every route needs a key of role line or higher; a line key only reaches its own line (LineDep)
@@ -73,10 +73,13 @@ async def post_module(
     """Inspect a whole-module frame: geometry, every cell classified, the module verdict, stored."""
     grid_rows, grid_cols = rows if rows is not None else line.rows, cols if cols is not None else line.cols
     limit = services.settings.max_grid_cells
-    if grid_rows < 1 or grid_cols < 1 or grid_rows * grid_cols > limit:
+    # a grid with one row or one column has no gaps along that axis to check against the frame: noise
+    # or a bright square passed as a 1x1 "module", and a 2x6 module as 1x6 (a single cell has its route)
+    if grid_rows < MIN_GRID or grid_cols < MIN_GRID or grid_rows * grid_cols > limit:
         raise ApiError(
             400,
-            f"grid {grid_rows}x{grid_cols} is not accepted: expected rows, cols >= 1, at most {limit} cells",
+            f"grid {grid_rows}x{grid_cols} is not accepted: expected rows, cols >= {MIN_GRID}, at most "
+            f"{limit} cells (one cell goes to /lines/{line_id}/cells)",
         )
     frame = FrameRequest(line_id, *identity, body, request.headers.get("content-type"))
     return _answer(response, await inspect_module(services, frame, grid_rows, grid_cols))

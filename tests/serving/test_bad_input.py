@@ -48,6 +48,9 @@ CASES: dict[str, tuple[bytes, str, dict[str, Any], int, str]] = {
     ),
     "signed 8-bit pixels": (tiff(np.zeros((60, 60), np.int8)), "image/tiff", {}, 422, "8- or 16-bit"),
     "grid of zero": (GOOD, "image/png", {"rows": 0}, 400, "grid"),
+    # nothing to check a single row or column against: noise passed as a 1x1 "module"
+    "one-cell grid": (GOOD, "image/png", {"rows": 1, "cols": 1}, 400, "rows, cols >= 2"),
+    "one-row grid": (GOOD, "image/png", {"rows": 1}, 400, "/lines/L1/cells"),
     "absurd grid": (GOOD, "image/png", {"rows": 500, "cols": 500}, 400, "grid"),
     "grid not a number": (GOOD, "image/png", {"rows": "six"}, 422, "rows"),
 }

@@ -110,6 +110,11 @@ def test_lines_are_listed(sqlite_client: TestClient) -> None:
     assert health["live"] == {"status": "ok", "clients": 0}  # the screens' stream is running
 
 
+def test_a_line_of_one_row_or_column_is_refused_at_configuration() -> None:
+    with pytest.raises(ValidationError, match="greater than or equal to 2"):
+        Settings(lines={"L3": {"rows": 1, "cols": 10}})
+
+
 def test_a_line_without_shift_starts_is_refused_at_configuration() -> None:
     with pytest.raises(ValidationError, match="expected at least one shift start"):
         LineConfig(shift_starts=[])
