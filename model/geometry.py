@@ -63,6 +63,9 @@ MIN_CONFIDENCE = 0.55  # below this the found gaps do not support the configured
 SUBDIVISIONS = (2, 3)  # a grid this many times finer is checked for gaps inside the configured cells
 MAX_HIDDEN_SUPPORT = 0.5  # ... and refused when its extra lines are supported as often as this
 FINER_DARKNESS = 0.6  # a grid 2x/3x too fine: its off-gap lines are less than this as dark as the rest
+# ... and so much fainter than this that their support cannot vouch for them: busbars, whose support
+# is inflated when the gap reference itself comes from the strongest lines of a too-fine grid
+FAR_FAINTER = 0.45
 RECTIFIED_TOLERANCE = 0.04  # a rectified input's gaps lie within this fraction of a pitch of even
 UNCHECKED_CONFIDENCE = 0.6  # a 1x1 grid: nothing contradicts it, nothing confirms it
 MIN_CELL_ASPECT, MAX_CELL_ASPECT = 0.4, 2.6  # cell height / width: square, half-cut 1:2 or 2:1
@@ -533,7 +536,8 @@ def only_every(axis: AxisGrid) -> int | None:
     """m if only every m-th inner line (m in SUBDIVISIONS) lies on a gap: the grid is m times too fine.
 
     The others then lie on busbars or cell interiors: far fainter than the gap lines and not supported
-    as gaps. Both must hold, so a module with wider gaps between strings is not taken for one.
+    as gaps. Both must hold, so a module with wider gaps between strings is not taken for one; unless
+    they are less than FAR_FAINTER as dark, which no gap between cells is, whatever its support says.
     """
     darkness, support = np.array(axis.darkness), np.array(axis.support)
     index = np.arange(1, len(darkness) + 1)
@@ -544,8 +548,8 @@ def only_every(axis: AxisGrid) -> int | None:
         strong = float(np.median(darkness[on]))
         if strong <= 0:
             continue
-        fainter = float(np.median(darkness[~on])) < FINER_DARKNESS * strong
-        if fainter and float(np.mean(support[~on])) < MIN_CONFIDENCE:
+        ratio = float(np.median(darkness[~on])) / strong
+        if ratio < FAR_FAINTER or (ratio < FINER_DARKNESS and float(np.mean(support[~on])) < MIN_CONFIDENCE):
             return every
     return None
 

@@ -466,3 +466,41 @@ def test_band_valleys_find_each_bands_valley_to_a_fraction_of_a_pixel() -> None:
     assert band_valleys(twin, expected=97.0, window=12)[0][0] == 99.0
     # a window outside the profile finds nothing there
     assert band_valleys(twin, expected=-50.0, window=10) == [(-50.0, 0.0)]
+
+
+@pytest.mark.parametrize(
+    ("seed", "dark_rows"), [(0, "bottom"), (5, "bottom"), (7, "bottom"), (1, "top"), (6, "top")]
+)
+def test_a_module_with_two_dark_rows_is_not_cut_as_the_glowing_half(
+    cells: ElpvCells, seed: int, dark_rows: str
+) -> None:
+    # only the glowing 2x9 half is outlined; a 4-row grid over it puts every other line on a busbar,
+    # far fainter than the real gap, and must be refused however well the busbars look supported
+    functional = np.flatnonzero(cells.probabilities == 0)
+    black = ElpvCells(
+        np.concatenate([cells.images, np.full((1, CELL, CELL), 12, np.uint8)]),
+        np.concatenate([cells.probabilities, [1.0]]),
+        np.concatenate([cells.types, ["mono"]]),
+        np.concatenate([cells.names, ["black"]]),
+    )
+    rng = np.random.default_rng(seed)
+    spec = FrameSpec(
+        rows=4,
+        cols=9,
+        cell_px=float(rng.uniform(80, 130)),
+        rotation_deg=float(rng.uniform(-10, 10)),
+        perspective=float(rng.uniform(0, 0.04)),
+        vignetting=float(rng.uniform(0, 0.2)),
+        noise_sigma=float(rng.uniform(0, 6)),
+        ribbons=bool(rng.random() < 0.7),
+        background=int(rng.integers(3, 30)),
+    )
+    layout = rng.choice(functional, size=36).reshape(4, 9)
+    if dark_rows == "bottom":
+        layout[2:] = len(cells)
+    else:
+        layout[:2] = len(cells)
+    frame = render_frame(black, spec, rng, layout.reshape(-1))
+    geometry = cut_module(frame.image, 4, 9, CELL)
+    if geometry.ok:  # then it must have found the whole module, dark rows included
+        assert float(centre_errors(frame, geometry).max()) <= TOLERANCE
