@@ -38,13 +38,41 @@ def to_grey_u8(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint8:
         return image
     if image.dtype in (np.uint16, np.int16, np.int32, np.uint32, np.float32, np.float64):
-        values = image.astype(np.float32)
-        low, high = np.percentile(values, (0.5, 99.5))
-        if high <= low:
-            return np.zeros(image.shape, dtype=np.uint8)
-        scaled = (values - low) * (255.0 / (high - low))
-        return np.clip(scaled, 0, 255).astype(np.uint8)
+        return _stretch_to_u8(image)
     raise ImageFormatError(f"expected 8- or 16-bit pixels, got {image.dtype}")
+
+
+STRETCH_SAMPLE_PIXELS = 1_000_000  # the percentiles are read on at most about this many pixels
+STRETCH_ROWS = 256  # rows converted at a time: float copies of a whole 60 MP frame took over 1 GB
+
+
+def _stretch_to_u8(image: np.ndarray) -> np.ndarray:
+    """Grey levels between the 0.5 and 99.5 percentiles mapped onto 0..255, a band of rows at a time.
+
+    The percentiles come from an evenly strided sample (every pixel up to 1 MP), leaving out pixels
+    at the type's ceiling: a camera's saturated or hot pixels, which beyond 0.5 % of the frame would
+    otherwise set the top of the range and crush the module into a few grey levels.
+    """
+    step = max(1, int(np.ceil(np.sqrt(image.size / STRETCH_SAMPLE_PIXELS))))
+    sample = image[::step, ::step].astype(np.float32).reshape(-1)
+    if np.issubdtype(image.dtype, np.integer):
+        ceiling = float(np.iinfo(image.dtype).max)
+        below = sample[sample < ceiling]
+        sample = below if below.size else sample
+    if not sample.size:
+        return np.zeros(image.shape, dtype=np.uint8)
+    low, high = (float(v) for v in np.percentile(sample, (0.5, 99.5)))
+    if high <= low:
+        return np.zeros(image.shape, dtype=np.uint8)
+    scale = 255.0 / (high - low)
+    out = np.empty(image.shape, dtype=np.uint8)
+    for start in range(0, image.shape[0], STRETCH_ROWS):
+        band = image[start : start + STRETCH_ROWS].astype(np.float32)
+        np.subtract(band, low, out=band)
+        np.multiply(band, scale, out=band)
+        np.clip(band, 0, 255, out=band)
+        out[start : start + STRETCH_ROWS] = band
+    return out
 
 
 def resize_cell(cell: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:

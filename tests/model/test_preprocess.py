@@ -18,6 +18,31 @@ def test_sixteen_bit_frames_are_stretched_not_truncated() -> None:
     assert grey.min() == 0 and grey.max() == 255
 
 
+def test_saturated_pixels_do_not_crush_the_module() -> None:
+    # a module between 2000 and 4000 with 2 % of the frame saturated (hot pixels, a reflection)
+    frame = np.linspace(2000, 4000, 200 * 200).reshape(200, 200).astype(np.uint16)
+    frame.reshape(-1)[::50] = np.iinfo(np.uint16).max
+    grey = to_grey_u8(frame)
+    module = grey[frame < 65535]
+    assert module.min() <= 5 and module.max() >= 250  # the module spans the grey levels
+
+
+def test_a_large_sixteen_bit_frame_is_converted_without_float_copies_of_it() -> None:
+    import tracemalloc
+
+    frame = np.random.default_rng(0).integers(0, 4096, (4000, 4000), dtype=np.uint16)  # 32 MB
+    tracemalloc.start()
+    try:
+        grey = to_grey_u8(frame)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # the 16 MB answer, a sample and a band of rows at a time: not 64 MB float32 copies of the whole
+    # frame, of which the conversion made four at once before (a 60 MP frame peaked at 1.2 GB)
+    assert peak < 1.5 * frame.nbytes, f"peak {peak / 1e6:.0f} MB"
+    assert grey.shape == frame.shape and grey.min() == 0 and grey.max() == 255
+
+
 def test_colour_and_alpha_become_grey() -> None:
     rgb = np.full((10, 12, 3), 100, np.uint8)
     rgba = np.full((10, 12, 4), 100, np.uint8)
