@@ -59,6 +59,7 @@ GAP_CONTRAST = 0.15  # a valley this dark is a gap between cells; texture and no
 LINE_TOLERANCE = 0.05  # band positions further than this fraction of a pitch from the line are outliers
 FIT_TOLERANCE = 0.02  # ... and those further than this do not steer the fitted line
 MAX_LINE_SLOPE = 0.05  # a grid line in the rectified module tilts at most this much
+NEAR_TIE = 0.9  # a second module at least this fraction of the largest's area ties with it
 MIN_CONFIDENCE = 0.55  # below this the found gaps do not support the configured grid
 SUBDIVISIONS = (2, 3)  # a grid this many times finer is checked for gaps inside the configured cells
 MAX_HIDDEN_SUPPORT = 0.5  # ... and refused when its extra lines are supported as often as this
@@ -214,16 +215,37 @@ def _find_modules(
             return [refused("the module is cut off at the frame edge: frame the whole module", rows, cols)]
         return [refused("no module found: no bright rectangular region of plausible size", rows, cols)]
 
+    candidates, tie = judged_first(candidates, small.shape)
     notes = []
     if partial:
         notes.append(f"{partial} module(s) cut off at the frame edge ignored")
-    if len(candidates) > 1:
+    if tie:
+        notes.append(
+            f"{len(candidates)} modules in view, the largest of nearly the same size; the one nearest "
+            "the centre is judged"
+        )
+    elif len(candidates) > 1:
         notes.append(f"{len(candidates)} modules in view; the largest is judged")
     results = []
     for quad in candidates:
         corners = (quad / scale).astype(np.float32)
         results.append(grid_and_cut(grey, corners, rows, cols, cell_size, len(candidates), list(notes)))
     return results
+
+
+def judged_first(candidates: list[np.ndarray], shape: tuple[int, ...]) -> tuple[list[np.ndarray], bool]:
+    """The candidates (largest first) with the one to judge first, and whether sizes nearly tied.
+
+    The largest module is the line's own; but two whole modules of nearly the same size leave that
+    to a few pixels of outline, so the one the camera is aimed at, nearest the centre, is judged.
+    """
+    areas = [float(cv2.contourArea(quad)) for quad in candidates]
+    tied = [i for i, area in enumerate(areas) if area >= NEAR_TIE * areas[0]]
+    if len(tied) < 2:
+        return candidates, False
+    centre = np.array([shape[1], shape[0]], np.float32) / 2
+    pick = min(tied, key=lambda i: float(np.linalg.norm(candidates[i].mean(axis=0) - centre)))
+    return [candidates[pick], *(quad for i, quad in enumerate(candidates) if i != pick)], True
 
 
 def downscale(grey: np.ndarray, long_side: int) -> tuple[np.ndarray, float]:

@@ -504,3 +504,16 @@ def test_a_module_with_two_dark_rows_is_not_cut_as_the_glowing_half(
     geometry = cut_module(frame.image, 4, 9, CELL)
     if geometry.ok:  # then it must have found the whole module, dark rows included
         assert float(centre_errors(frame, geometry).max()) <= TOLERANCE
+
+
+def test_of_two_modules_of_nearly_one_size_the_one_nearest_the_centre_is_judged(cells: ElpvCells) -> None:
+    # which outline is a few pixels larger is chance; the camera is aimed at the line's module
+    frame = render_frame(cells, FrameSpec(rows=6, cols=10, cell_px=70), np.random.default_rng(3)).image
+    background = np.full_like(frame, int(np.median(frame[:8])))
+    both = np.hstack([frame, frame, background])  # the right module sits at the centre of the picture
+    judged = cut_module(both, 6, 10, CELL)
+    assert judged.ok and judged.modules_in_view == 2 and judged.corners is not None
+    assert frame.shape[1] < float(judged.corners[:, 0].mean()) < 2 * frame.shape[1]
+    assert any("nearest the centre" in note for note in judged.notes)
+    modules = find_modules(both, 6, 10, CELL)
+    assert modules[0].corners is not None and np.allclose(modules[0].corners, judged.corners)
