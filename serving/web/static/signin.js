@@ -6,7 +6,8 @@
 function sameSitePath(next) {
   try {
     const url = new URL(next, location.origin);
-    if (url.origin === location.origin) return url.pathname + url.search + url.hash;
+    // the absolute URL, not its path: "/.//evil.example" normalises to the path "//evil.example"
+    if (url.origin === location.origin) return url.href;
   } catch {
     // not a URL at all: fall through to the screen
   }
