@@ -64,6 +64,9 @@ class Services:
     # decoding and geometry of frames share this many worker threads (settings.frame_workers), so
     # a burst of large frames waits instead of converting all at once; set by the lifespan
     frame_limiter: anyio.CapacityLimiter | None = None
+    # V2 request bodies are parsed on this many threads of their own (as many as frame workers): a
+    # JSON tensor near the body limit takes seconds and hundreds of MB while it becomes an array
+    v2_parse_limiter: anyio.CapacityLimiter | None = None
 
     @property
     def publisher(self) -> EventPublisher:
@@ -135,8 +138,9 @@ async def finish_background(tasks: set[asyncio.Task[None]], grace_seconds: float
 
     Each task ends in a worker thread that writes its row, and a thread cannot be cancelled: a
     cancelled task would leave its thread writing while the engine is disposed (and, in tests, while
-    the tables are dropped). So the tasks get a grace period to finish, and only the ones still
-    running after it are cancelled, and awaited.
+    the tables are dropped). So the tasks get a grace period to finish (a shadow row takes
+    milliseconds). Tasks still running after it are cancelled; a thread of theirs that is already
+    writing then finishes on its own, against a disposed engine, and its row may be lost.
     """
     pending = list(tasks)
     if not pending:
@@ -160,6 +164,7 @@ def create_app(settings: Settings | None = None, publisher: EventPublisher | Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await anyio.to_thread.run_sync(start_services, settings, publisher)
         services.frame_limiter = anyio.CapacityLimiter(settings.resolved_frame_workers)
+        services.v2_parse_limiter = anyio.CapacityLimiter(settings.resolved_frame_workers)
         live = LiveEvents(settings, services.sessions, make_broker(settings))
         follow: asyncio.Task[None] | None = None
         try:

@@ -53,7 +53,7 @@ async def read_body(request: Request, services: ServicesDep) -> bytes:
         declared is not None
         and declared.isascii()
         and declared.isdigit()
-        and (len(declared.lstrip("0")) > len(str(limit)) or int(declared) > limit)
+        and (len(declared.lstrip("0")) > len(str(limit)) or int(declared.lstrip("0") or "0") > limit)
     ):
         raise ApiError(413, f"body of {declared} bytes is over the limit of {limit} bytes")
     chunks: list[bytes] = []

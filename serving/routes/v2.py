@@ -106,13 +106,15 @@ async def infer(
 ) -> Response:
     runtime = services.runtime  # one model for the whole request, whatever a hot swap does meanwhile
     _check_model(runtime, name, version)
+    # off the event loop, on a limiter of its own: a large JSON tensor takes seconds to parse and must
+    # not hold a frame worker from the lines' posts, nor wait behind their frames
     parsed = await anyio.to_thread.run_sync(
         parse_infer_request,
         body,
         request.headers.get(HEADER_LENGTH),
         runtime,
         services.settings.max_v2_batch,
-        limiter=services.frame_limiter,
+        limiter=services.v2_parse_limiter,
     )
     try:
         values = await services.batcher.infer(parsed.batch, runtime)
@@ -179,8 +181,9 @@ def _header_length(value: str, body_size: int) -> int:
     # isascii: '²'.isdigit() is True, yet int('²') raises; a count with more digits than the body's
     # size cannot fit it, and that bound also keeps int() far from Python's digit limit
     digits = value.strip()
-    if digits.isascii() and digits.isdigit() and len(digits.lstrip("0")) <= len(str(body_size)):
-        length = int(digits)
+    significant = digits.lstrip("0") or "0"  # int() counts leading zeros towards its digit limit
+    if digits.isascii() and digits.isdigit() and len(significant) <= len(str(body_size)):
+        length = int(significant)
         if length <= body_size:
             return length
     raise ApiError(
