@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 EVENT_NAME = "line"
 RETRY_MS = 2000  # how soon a browser reconnects after the stream drops
 DISCONNECT_CHECK_SECONDS = 5.0
+REFRESH_RETRY_MAX_SECONDS = 10.0  # the longest pause between retries of a failing refresh
 SUBSCRIBE_TIMEOUT_SECONDS = 10.0  # a Redis host that drops packets would otherwise hang a (re)subscribe
 
 
@@ -115,7 +116,9 @@ class RedisBroker:
     def __init__(self, url: str, prefix: str) -> None:
         import redis.asyncio as redis
 
-        self.client = redis.Redis.from_url(url)
+        # a connection whose packets are dropped (no reset) would leave get_message() answering None
+        # for ever: the pub/sub connection is pinged every 10 s and TCP keepalive is on
+        self.client = redis.Redis.from_url(url, health_check_interval=10, socket_keepalive=True)
         self.channel = f"{prefix}:events"
         self.counter = f"{prefix}:event-id"
         self.connected = False  # a subscription confirmed and no error since
@@ -312,6 +315,7 @@ class LiveEvents:
     async def _refresh_forever(self) -> None:
         loop = asyncio.get_running_loop()
         next_full = loop.time()  # the first pass computes every line: screens get state at once
+        failures = 0  # refreshes failed in a row: retries back off during an outage
         while True:
             with anyio.move_on_after(max(0.0, next_full - loop.time())):
                 await self._wake.wait()
@@ -325,10 +329,18 @@ class LiveEvents:
             try:
                 await self.refresh(sorted(lines))
             except Exception:  # a database or broker hiccup must not end live updates for good
-                log.exception("live refresh of %s failed", sorted(lines))
+                failures += 1
+                if failures == 1:  # the traceback once; an outage's every retry would flood the log
+                    log.exception("live refresh of %s failed; retrying", sorted(lines))
+                else:
+                    log.warning("live refresh failed again (%d in a row)", failures)
                 self._dirty |= lines
                 self._wake.set()  # try those lines again after the pause, not at the next full pass
-                await anyio.sleep(1.0)
+                await anyio.sleep(min(REFRESH_RETRY_MAX_SECONDS, 2.0 ** (failures - 1)))
+            else:
+                if failures:
+                    log.info("live refresh works again after %d failures", failures)
+                failures = 0
             await anyio.sleep(self.settings.events_min_interval_seconds)
 
     async def refresh(self, lines: list[str]) -> None:
@@ -453,7 +465,12 @@ async def sse_stream(
                 next_check = time.monotonic() + check_every
                 if await disconnected():
                     return
-                if not await allowed():
+                try:
+                    still = await allowed()
+                except Exception:  # a database blip must not close every screen: ask again next time
+                    log.warning("live stream: its key could not be checked again", exc_info=True)
+                    still = True
+                if not still:
                     log.info("live stream closed: its key is no longer valid")
                     return
             if item is None:

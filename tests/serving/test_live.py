@@ -716,3 +716,31 @@ def test_the_redis_reader_outlives_an_outage_and_resends_every_line(
             await hub.stop()
 
     asyncio.run(run())
+
+
+def test_a_failed_key_check_keeps_the_stream_and_a_refusal_ends_it(make_settings: MakeSettings) -> None:
+    """The stream asks again whether its key is valid; a database blip is no answer."""
+    from serving.live import InProcessBroker, LiveEvents, sse_stream
+
+    answers = iter([RuntimeError("database unreachable"), True, False])
+
+    async def allowed() -> bool:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def run() -> list[bytes]:
+        hub = LiveEvents(make_settings(), None, InProcessBroker())  # type: ignore[arg-type]
+        # keep-alive 0.1 s: the key is asked again every 0.1 s
+        stream = sse_stream(hub, None, None, 0.1, _never_disconnected, allowed)
+        frames = []
+        async with asyncio.timeout(5):
+            async for frame in stream:  # ends when the key is refused
+                frames.append(frame)
+        assert not hub.clients
+        return frames
+
+    frames = asyncio.run(run())
+    # the failed check and the good one each let a keep-alive through; the refusal ended the stream
+    assert frames[0].startswith(b"retry: ") and frames.count(b": keep-alive\n\n") == 2
