@@ -82,7 +82,8 @@ async def _inspect(
         find_existing, services.sessions, request.line_id, request.serial, request.frame_id
     )
     if earlier is not None:  # a re-post (e.g. a retry after a lost response): answer, never count twice
-        return inspection_out(_same_frame(earlier, request), duplicate=True)
+        digest = await anyio.to_thread.run_sync(sha256_hex, request.body)  # up to 64 MB: not on the loop
+        return inspection_out(_same_frame(earlier, request, digest), duplicate=True)
     if not services.batcher.has_room(rows * cols):
         _queue_full(services, f"{services.batcher.pending_cells} cells already waiting")
     clock = _Clock()
@@ -117,17 +118,19 @@ async def _inspect(
             from serving.shadow import shadow_later
 
             shadow_later(services, shadow, stored, decoded.grey, cells.images)
-    return inspection_out(stored if created else _same_frame(stored, request), duplicate=not created)
+    # a concurrent twin stored first: `row` holds the digest this body was stored under
+    return inspection_out(
+        stored if created else _same_frame(stored, request, row.frame_sha256), duplicate=not created
+    )
 
 
-def _same_frame(earlier: Inspection, request: FrameRequest) -> Inspection:
+def _same_frame(earlier: Inspection, request: FrameRequest, digest: str) -> Inspection:
     """The stored inspection a re-post names, if the re-post carries the same image.
 
     A retry after a lost response sends the same bytes and gets the stored answer. Different bytes
     under the same (line, serial, frame id) are a new shot: answering with the old verdict would
     tell the line about an image nobody judged, so it is refused.
     """
-    digest = sha256_hex(request.body)
     if earlier.frame_sha256 != digest:
         raise ApiError(
             409,
