@@ -88,6 +88,9 @@ class ModelFollower:
             except (RegistryError, OSError) as exc:
                 log.error("cannot read the model registry %s: %s", self.registry.path, exc)
                 return False
+            # failures of versions the registry no longer names are history, not news
+            for folder in set(self._failed) - {wanted.active, wanted.shadow}:
+                del self._failed[folder]
             swapped = False
             if wanted.active is not None and not same_folder(self.services.runtime, wanted.active):
                 runtime = await self._load(wanted.active)

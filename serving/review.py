@@ -251,7 +251,7 @@ def record_decision(
     the model's label as `before`, and the second would overwrite the first unseen. PostgreSQL locks
     the inspection's row until the commit; SQLite (embedded mode: one process) takes a lock here.
     """
-    with _one_writer(sessions), sessions() as session:
+    with _one_writer(sessions, inspection_id), sessions() as session:
         inspection = session.scalars(
             select(Inspection)
             .options(selectinload(Inspection.cells))
@@ -314,14 +314,17 @@ def record_decision(
         return rows
 
 
-_SQLITE_DECISIONS = threading.Lock()
+# striped by inspection id: decisions on one module take turns, decisions on others rarely wait
+_SQLITE_DECISIONS = tuple(threading.Lock() for _ in range(64))
 
 
-def _one_writer(sessions: sessionmaker[Session]) -> contextlib.AbstractContextManager[object]:
-    """SQLite ignores FOR UPDATE: one process serves it, so a lock in that process serialises."""
+def _one_writer(
+    sessions: sessionmaker[Session], inspection_id: int
+) -> contextlib.AbstractContextManager[object]:
+    """SQLite ignores FOR UPDATE: one process serves it (embedded mode), so a lock in it serialises."""
     bind = sessions.kw.get("bind")
     if bind is not None and bind.dialect.name == "sqlite":
-        return _SQLITE_DECISIONS
+        return _SQLITE_DECISIONS[inspection_id % len(_SQLITE_DECISIONS)]
     return contextlib.nullcontext()
 
 

@@ -254,7 +254,7 @@ def test_admin_sees_the_running_config_without_secrets(sqlite_client: TestClient
 def test_a_lookup_in_flight_during_a_revocation_does_not_refill_the_cache(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import time
+    import threading
 
     import anyio
     from sqlalchemy.orm import sessionmaker
@@ -270,20 +270,24 @@ def test_a_lookup_in_flight_during_a_revocation_does_not_refill_the_cache(
     row = store_key(sessions, "screen", Role.LINE, key, "L1")
     read_the_key = serving.auth.lookup_key
 
-    def slow_lookup(*args: Any) -> Any:  # reads the row before the revocation commits
+    key_read, revoked = threading.Event(), threading.Event()
+
+    def slow_lookup(*args: Any) -> Any:  # reads the row, then the revocation commits and is forgotten
         principal = read_the_key(*args)
-        time.sleep(0.2)
+        key_read.set()
+        revoked.wait(10)
         return principal
 
     async def revoke_while_checking() -> tuple[Any, Any]:
         checker = KeyChecker(sessions, ttl=60.0)
 
         async def revoke() -> None:
-            await anyio.sleep(0.05)
+            await anyio.to_thread.run_sync(key_read.wait, 10)  # sequenced, not timed
             with sessions() as session:
                 session.get_one(ApiKey, row.id).revoked_at = utcnow()
                 session.commit()
             checker.forget()  # what POST /keys/{id}/revoke does
+            revoked.set()
 
         monkeypatch.setattr(serving.auth, "lookup_key", slow_lookup)
         async with anyio.create_task_group() as group:

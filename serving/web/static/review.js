@@ -65,7 +65,7 @@
         done.textContent = `→ ${item.reviewed.verdict}`;
         li.appendChild(done);
       }
-      li.addEventListener("click", () => openAt(i));
+      li.addEventListener("click", () => leaveFor(i)); // unsaved labels: asks first, as j / k do
       list.appendChild(li);
     });
   }
