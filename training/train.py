@@ -284,6 +284,7 @@ def restore(
     model: CellClassifier,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.OneCycleLR,
+    world: int = 1,
 ) -> tuple[int, float, list[dict[str, float]], str | None]:
     """Load a last.pt into a run built from the same config; returns (next epoch, best AUC, history,
     the hardware it was trained on so far)."""
@@ -295,6 +296,14 @@ def restore(
         raise WeightsError(
             f"cannot resume: {path} holds a {saved['architecture']} network; the config says "
             f"{config.architecture}"
+        )
+    # each process's share of an epoch, and so the schedule and the draws, depend on the process
+    # count: a resume repeats the uninterrupted run only on as many processes as it started on
+    trained_on = int(state.get("world_size", world))
+    if trained_on != world:
+        raise ConfigError(
+            f"cannot resume: {path} was trained on {trained_on} process(es), this run has {world}; "
+            f"resume it with torchrun --nproc-per-node {trained_on}"
         )
     if state["scheduler"]["total_steps"] != scheduler.total_steps:
         raise ConfigError(
@@ -442,7 +451,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
     earlier_hardware = None
     if resume is not None:
         first_epoch, best_auc, history, earlier_hardware = restore(
-            resume, config, model, optimizer, scheduler
+            resume, config, model, optimizer, scheduler, world
         )
     hardware = training_hardware(device, world, earlier_hardware)
 
@@ -527,6 +536,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
                 "history": history,
                 "weights_source": weights_source,
                 "training_hardware": hardware,
+                "world_size": world,
                 "reviewed_sets": reviewed_sources,
                 "validation": {
                     "names": val.names.tolist(),

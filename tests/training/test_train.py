@@ -18,7 +18,14 @@ import torch.multiprocessing as mp
 
 from tests.training.conftest import tiny_config
 from training.config import ConfigError
-from training.train import epoch_loss, epoch_order, load_checkpoint, main, model_from_checkpoint
+from training.train import (
+    epoch_loss,
+    epoch_order,
+    load_checkpoint,
+    main,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -90,6 +97,16 @@ def test_stop_and_resume_repeats_an_uninterrupted_run(tmp_path: Path) -> None:
 def test_resume_with_another_schedule_is_refused(smoke_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="scheduled for 1 epochs"):
         main(tiny_config(tmp_path, epochs=3), resume=smoke_run / "last.pt")
+
+
+def test_resume_on_another_number_of_processes_is_refused_naming_it(smoke_run: Path, tmp_path: Path) -> None:
+    # each process's share of an epoch depends on how many there are: the run would not repeat
+    state = load_checkpoint(smoke_run / "last.pt")
+    assert state["world_size"] == 1
+    state["world_size"] = 2
+    save_checkpoint(tmp_path / "two.pt", **{k: v for k, v in state.items() if k != "format"})
+    with pytest.raises(ConfigError, match=r"trained on 2 process\(es\), this run has 1"):
+        main(tiny_config(tmp_path / "run", epochs=1), resume=tmp_path / "two.pt")
 
 
 def test_frozen_blocks_with_cached_features(tmp_path: Path) -> None:
