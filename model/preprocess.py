@@ -43,6 +43,10 @@ def to_grey_u8(image: np.ndarray) -> np.ndarray:
 
 
 STRETCH_SAMPLE_PIXELS = 1_000_000  # the percentiles are read on at most about this many pixels
+# pixels exactly at the frame's maximum, as a share of it, that read as saturated (hot pixels, a
+# reflection); more than the upper bound is a plateau of the picture itself (bright cells of a frame
+# that was 8-bit before it was 16), which sets the top of the range as it should
+SATURATED_SHARE = (0.0005, 0.05)
 STRETCH_ROWS = 256  # rows converted at a time: float copies of a whole 60 MP frame took over 1 GB
 
 
@@ -50,15 +54,19 @@ def _stretch_to_u8(image: np.ndarray) -> np.ndarray:
     """Grey levels between the 0.5 and 99.5 percentiles mapped onto 0..255, a band of rows at a time.
 
     The percentiles come from an evenly strided sample (every pixel up to 1 MP), leaving out pixels
-    at the type's ceiling: a camera's saturated or hot pixels, which beyond 0.5 % of the frame would
+    at the sensor's ceiling: a camera's saturated or hot pixels, which beyond 0.5 % of the frame would
     otherwise set the top of the range and crush the module into a few grey levels.
     """
     step = max(1, int(np.ceil(np.sqrt(image.size / STRETCH_SAMPLE_PIXELS))))
     sample = image[::step, ::step].astype(np.float32).reshape(-1)
-    if np.issubdtype(image.dtype, np.integer):
-        ceiling = float(np.iinfo(image.dtype).max)
-        below = sample[sample < ceiling]
-        sample = below if below.size else sample
+    if sample.size:
+        # the sensor's ceiling: 12- and 14-bit cameras saturate at 4095 or 16383 inside uint16, so it
+        # is read off the frame (a share of pixels exactly at its maximum), not off the type
+        top = float(sample.max())
+        at_top = np.count_nonzero(sample == top) / sample.size
+        if SATURATED_SHARE[0] <= at_top <= SATURATED_SHARE[1]:
+            below = sample[sample < top]
+            sample = below if below.size else sample
     if not sample.size:
         return np.zeros(image.shape, dtype=np.uint8)
     low, high = (float(v) for v in np.percentile(sample, (0.5, 99.5)))

@@ -27,6 +27,23 @@ def test_saturated_pixels_do_not_crush_the_module() -> None:
     assert module.min() <= 5 and module.max() >= 250  # the module spans the grey levels
 
 
+@pytest.mark.parametrize("ceiling", [4095, 16383, 65535])  # 12-, 14- and 16-bit sensors in uint16
+def test_the_sensor_s_ceiling_is_read_off_the_frame(ceiling: int) -> None:
+    frame = np.linspace(0.25 * ceiling, 0.5 * ceiling, 200 * 200).reshape(200, 200).astype(np.uint16)
+    frame.reshape(-1)[::50] = ceiling  # 2 % saturated
+    module = to_grey_u8(frame)[frame < ceiling]
+    assert module.min() <= 5 and module.max() >= 250
+
+
+def test_a_bright_plateau_is_the_top_of_the_range_not_saturation() -> None:
+    # an 8-bit picture stored as 16 bits: its bright cells are the maximum and most of the frame
+    frame = np.full((100, 100), 200 * 257, np.uint16)
+    frame[40:60, 40:60] = 100 * 257  # a darker cell
+    frame[:, ::10] = 20 * 257  # gaps
+    grey = to_grey_u8(frame)
+    assert grey[0, 1] == 255 and 0 < grey[50, 51] < 255  # the darker cell stays darker than the rest
+
+
 def test_a_large_sixteen_bit_frame_is_converted_without_float_copies_of_it() -> None:
     import tracemalloc
 
