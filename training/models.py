@@ -355,6 +355,13 @@ def cli(argv: list[str] | None = None) -> int:
     except (RegistryError, CardError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:  # the serving image has the base dependencies only
+        print(
+            f"error: pvqc models {args.command} needs the training extras ({exc.name or exc}): "
+            "pip install '.[train]', or run it from a workstation on the same registry folder",
+            file=sys.stderr,
+        )
+        return 2
     print(json.dumps(result, indent=1 if args.command == "list" else None))
     return 0
 

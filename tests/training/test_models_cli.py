@@ -94,3 +94,17 @@ def test_promote_without_an_evaluation_says_what_to_run(
     code, stderr = run_cli(registry, capsys, "promote", "2.0.0", "--force")
     assert code == 0, stderr
     assert registry.active() == "2.0.0"
+
+
+def test_evaluate_without_the_training_extras_says_what_to_install(
+    registry: Registry, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the serving image has no scikit-learn: evaluate must say so in one line, not end in a traceback
+    import sys
+
+    for module in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")]:
+        monkeypatch.delitem(sys.modules, module)
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.delitem(sys.modules, "training.metrics", raising=False)
+    code, stderr = run_cli(registry, capsys, "evaluate", "2.0.0")
+    assert code == 2 and "needs the training extras" in stderr and "pip install '.[train]'" in stderr
