@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import anyio
 from fastapi import FastAPI, Request, Response
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from serving.auth import KeyChecker, ensure_admin_key
 from serving.db import make_engine, upgrade_head
-from serving.errors import install_error_handlers
+from serving.errors import ApiError, install_error_handlers
 from serving.events import EventPublisher, InspectionCompleted
 from serving.inference import MicroBatcher, ModelRuntime, load_runtime
 from serving.live import LiveEvents, make_broker
@@ -71,6 +71,12 @@ class Services:
     @property
     def publisher(self) -> EventPublisher:
         return _FanOut(self)
+
+    def refuse_queue_full(self, why: str) -> NoReturn:
+        """The 503 with Retry-After that every route answers when the inference queue is full."""
+        self.metrics.rejected.labels("queue_full").inc()
+        retry = str(self.settings.retry_after_seconds)
+        raise ApiError(503, f"inference queue is full: {why}; retry later", {"Retry-After": retry})
 
 
 class _FanOut:

@@ -12,7 +12,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import NoReturn
 
 import anyio
 import numpy as np
@@ -85,7 +84,7 @@ async def _inspect(
         digest = await anyio.to_thread.run_sync(sha256_hex, request.body)  # up to 64 MB: not on the loop
         return inspection_out(_same_frame(earlier, request, digest), duplicate=True)
     if not services.batcher.has_room(rows * cols):
-        _queue_full(services, f"{services.batcher.pending_cells} cells already waiting")
+        services.refuse_queue_full(f"{services.batcher.pending_cells} cells already waiting")
     clock = _Clock()
     # the model this request starts with judges it to the end, whatever a hot swap does meanwhile
     runtime = services.runtime
@@ -213,15 +212,9 @@ async def _probabilities(services: Services, runtime: ModelRuntime, images: list
     try:
         outputs = await services.batcher.infer(batch, runtime)
     except QueueFullError as exc:
-        _queue_full(services, str(exc))
+        services.refuse_queue_full(str(exc))
     probability = outputs[runtime.card.probability_output]
     return [float(p) for p in np.asarray(probability).reshape(-1)]
-
-
-def _queue_full(services: Services, why: str) -> NoReturn:
-    services.metrics.rejected.labels("queue_full").inc()
-    retry = str(services.settings.retry_after_seconds)
-    raise ApiError(503, f"inference queue is full: {why}; retry later", {"Retry-After": retry})
 
 
 def _inspection_row(

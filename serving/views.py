@@ -115,10 +115,7 @@ async def cell_heatmap(services: Services, row: Inspection, cell_row: int, cell_
     try:
         outputs = await services.batcher.infer(pixels[None, None], runtime)
     except QueueFullError as exc:
-        # imported here: serving.pipeline imports serving.app, which imports this module
-        from serving.pipeline import _queue_full
-
-        _queue_full(services, str(exc))  # the ingestion routes' 503 with Retry-After
+        services.refuse_queue_full(str(exc))  # the ingestion routes' 503 with Retry-After
     logits = np.asarray(outputs[CAM_OUTPUT][0], dtype=np.float64)
     heat = 1.0 / (1.0 + np.exp(-logits))  # per-position defect probability, same scale as the cell's
     probability = float(np.asarray(outputs[runtime.card.probability_output]).reshape(-1)[0])

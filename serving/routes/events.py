@@ -12,12 +12,11 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 
 from serving.auth import LineRole, Role, presented_key
-from serving.deps import ServicesDep
+from serving.deps import ServicesDep, header_count
 from serving.errors import ApiError
 from serving.live import sse_stream
 
 router = APIRouter(tags=["live"])
-MAX_EVENT_ID_DIGITS = 20
 
 
 @router.get("/events", response_class=StreamingResponse)
@@ -52,9 +51,4 @@ async def events(
 
 def _event_id(header: str | None) -> int | None:
     """The id in a Last-Event-ID header, or None for one that is no event id (the stream starts afresh)."""
-    value = (header or "").strip()
-    # isascii: '²'.isdigit() is True, yet int('²') raises; the length bound keeps int() within
-    # Python's digit limit (event ids are 64-bit counters: at most 20 digits)
-    if value.isascii() and value.isdigit() and len(value) <= MAX_EVENT_ID_DIGITS:
-        return int(value)
-    return None
+    return header_count(header)

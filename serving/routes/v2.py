@@ -22,10 +22,9 @@ from fastapi.responses import JSONResponse
 
 from serving.app import Services
 from serving.auth import Role, require
-from serving.deps import BodyDep, ServicesDep
+from serving.deps import BodyDep, ServicesDep, header_count
 from serving.errors import ApiError
 from serving.inference import ModelRuntime, QueueFullError
-from serving.pipeline import _queue_full
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 # the health routes stay open for probes; everything about the model needs a key (tritonclient
@@ -119,7 +118,7 @@ async def infer(
     try:
         values = await services.batcher.infer(parsed.batch, runtime)
     except QueueFullError as exc:
-        _queue_full(services, str(exc))
+        services.refuse_queue_full(str(exc))
     return _infer_response(runtime, parsed, values)
 
 
@@ -178,17 +177,12 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any],
 
 
 def _header_length(value: str, body_size: int) -> int:
-    # isascii: '²'.isdigit() is True, yet int('²') raises; a count with more digits than the body's
-    # size cannot fit it, and that bound also keeps int() far from Python's digit limit
-    digits = value.strip()
-    significant = digits.lstrip("0") or "0"  # int() counts leading zeros towards its digit limit
-    if digits.isascii() and digits.isdigit() and len(significant) <= len(str(body_size)):
-        length = int(significant)
-        if length <= body_size:
-            return length
-    raise ApiError(
-        400, f"{HEADER_LENGTH} is {_brief(value)}; expected a byte count <= the body's {body_size}"
-    )
+    length = header_count(value)
+    if length is None or length > body_size:
+        raise ApiError(
+            400, f"{HEADER_LENGTH} is {_brief(value)}; expected a byte count <= the body's {body_size}"
+        )
+    return length
 
 
 def _parameters(value: object, where: str) -> dict[str, Any]:
