@@ -47,6 +47,9 @@ class TrainConfig:
     # 8 dihedral views are computed once, which makes a CPU run several times faster
     freeze_blocks: int = 0
     cache_frozen: bool = False
+    # weights averaged over the training steps with this decay per step (0: off); validation, best.pt and
+    # so the export use the average, which smooths the last epochs' noise on a small data set
+    ema_decay: float = 0.0
     # dihedral views averaged when validating each epoch (8: all; fewer saves time on a CPU)
     validation_views: int = 8
     seed: int = 0
@@ -107,6 +110,7 @@ class TrainConfig:
             (self.freeze_blocks >= 0, "freeze_blocks must be >= 0"),
             (not self.cache_frozen or self.freeze_blocks > 0, "cache_frozen needs freeze_blocks > 0"),
             (1 <= self.validation_views <= 8, "validation_views must be in 1..8"),
+            (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1) (0: no weight average)"),
             (0 <= self.jitter < 1, "jitter must be in [0, 1)"),
             (0 <= self.shift < 0.5, "shift must be in [0, 0.5)"),
             (0 <= self.scale < 0.5, "scale must be in [0, 0.5)"),

@@ -27,7 +27,8 @@ from model.network import WeightsError
 from training.train import load_checkpoint, os_problem, save_checkpoint, torch_save
 
 log = logging.getLogger("training.slim")
-TRAINING_ONLY_KEYS = ("optimizer", "scheduler")
+# training_model: the raw weights beside an average (ema_decay); export reads the average
+TRAINING_ONLY_KEYS = ("optimizer", "scheduler", "training_model")
 
 
 def slim_state(state: dict[str, Any], half: bool) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import random
 import re
 import sys
 import time
+import typing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from datasets.elpv import DatasetError, ElpvCells, elpv_root, load_elpv, read_labels, split_indices
 from model.network import CellClassifier, WeightsError, build_classifier, soft_bce
@@ -60,6 +62,8 @@ def setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     if world > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if use_cuda:
+        # every batch has one shape: let cuDNN time its convolution algorithms once and keep the fastest
+        torch.backends.cudnn.benchmark = True
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
@@ -285,9 +289,11 @@ def restore(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.OneCycleLR,
     world: int = 1,
+    average: AveragedModel | None = None,
 ) -> tuple[int, float, list[dict[str, float]], str | None]:
     """Load a last.pt into a run built from the same config; returns (next epoch, best AUC, history,
-    the hardware it was trained on so far)."""
+    the hardware it was trained on so far). With `average` (ema_decay), the checkpoint's "model" is the
+    average and its "training_model" the weights the optimizer moves."""
     state = load_checkpoint(path)
     saved = state["config"]
     if "optimizer" not in state or "scheduler" not in state:
@@ -311,8 +317,18 @@ def restore(
             f"{saved['batch_size']} cells; "
             f"the config says {config.epochs} of {config.batch_size}"
         )
+    if ("training_model" in state) != (average is not None):
+        raise ConfigError(
+            f"cannot resume: {path} was trained with ema_decay {saved.get('ema_decay', 0.0)}; the config "
+            f"says {config.ema_decay} (a weight average is either kept from the start or not at all)"
+        )
     try:
-        model.load_state_dict(state["model"])
+        if average is None:
+            model.load_state_dict(state["model"])
+        else:
+            model.load_state_dict(state["training_model"])
+            average.module.load_state_dict(state["model"])
+            average.n_averaged.fill_(int(state["ema_steps"]))
     except RuntimeError as exc:
         raise WeightsError(f"cannot resume: {path}'s weights do not fit: {state_dict_problem(exc)}") from exc
     try:
@@ -370,6 +386,20 @@ def predict_views(
 
 
 # ----------------------------------------------------------------------------------------------- main
+
+
+def weight_average(model: CellClassifier, decay: float) -> AveragedModel | None:
+    """An exponential moving average of the weights and batch-norm statistics, or None for decay 0."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def weight_average_state(model: CellClassifier, average: AveragedModel | None) -> dict[str, Any]:
+    """What a checkpoint needs beside the average to resume: the optimizer's weights and the step count."""
+    if average is None:
+        return {}
+    return {"training_model": model.state_dict(), "ema_steps": int(average.n_averaged)}
 
 
 def camera_augment(config: TrainConfig) -> CameraAugment:
@@ -430,6 +460,12 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
         val_inputs = torch.from_numpy(val.images)[:, None].float()
 
     view_model = TrainingView(model, start_block, config.cache_frozen)
+    average = weight_average(model, config.ema_decay)
+    # what validation scores and best.pt keeps: the average when there is one
+    scored_view = view_model
+    if average is not None:
+        averaged = typing.cast(CellClassifier, average.module)
+        scored_view = TrainingView(averaged, start_block, config.cache_frozen)
     wrapped: nn.Module = view_model
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(
@@ -451,7 +487,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
     earlier_hardware = None
     if resume is not None:
         first_epoch, best_auc, history, earlier_hardware = restore(
-            resume, config, model, optimizer, scheduler, world
+            resume, config, model, optimizer, scheduler, world, average
         )
     hardware = training_hardware(device, world, earlier_hardware)
 
@@ -494,11 +530,13 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if average is not None:
+                average.update_parameters(model)
             running += float(loss.detach()) * len(index)
             seen += len(index)
 
         val_prob = predict_views(
-            view_model, val_inputs, device, 64, config.cache_frozen, config.validation_views
+            scored_view, val_inputs, device, 64, config.cache_frozen, config.validation_views
         )
         metrics = classification_metrics(val_prob, val.probabilities, val.types, 0.5)
         val_loss = float(
@@ -528,7 +566,8 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
             best_auc = max(best_auc, row["val_auc"]) if improved else best_auc
             state = {
                 "config": asdict(config),
-                "model": model.state_dict(),
+                "model": scored_view.model.state_dict(),
+                **weight_average_state(model, average),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "epoch": epoch,

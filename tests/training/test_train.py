@@ -94,6 +94,39 @@ def test_stop_and_resume_repeats_an_uninterrupted_run(tmp_path: Path) -> None:
     ]
 
 
+EMA_SETTINGS: dict[str, Any] = {
+    "epochs": 2,
+    "batch_size": 4,
+    "freeze_blocks": 3,
+    "limit_train": 8,
+    "limit_validation": 4,
+    "validation_views": 1,
+    "ema_decay": 0.5,
+}
+
+
+def test_weight_average_is_what_best_pt_keeps_and_a_resume_repeats_it(tmp_path: Path) -> None:
+    main(tiny_config(tmp_path / "straight", **EMA_SETTINGS))
+    main(tiny_config(tmp_path / "split", **EMA_SETTINGS), stop_after=1)
+    main(tiny_config(tmp_path / "split", **EMA_SETTINGS), resume=tmp_path / "split" / "last.pt")
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert straight["ema_steps"] == resumed["ema_steps"] == 4  # 2 epochs of 2 batches
+    # the average trails the weights the optimizer moved: the two differ after a few steps
+    raw = straight["training_model"]
+    assert any(not torch.equal(straight["model"][n], t) for n, t in raw.items() if t.is_floating_point())
+    for key in ("model", "training_model"):
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, resumed[key][name]), (key, name)
+
+
+def test_resume_with_or_without_a_weight_average_against_the_checkpoint_is_refused(
+    smoke_run: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=r"trained with ema_decay 0\.0; the config says 0\.5"):
+        main(tiny_config(tmp_path / "run", ema_decay=0.5), resume=smoke_run / "last.pt")
+
+
 def test_resume_with_another_schedule_is_refused(smoke_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="scheduled for 1 epochs"):
         main(tiny_config(tmp_path, epochs=3), resume=smoke_run / "last.pt")
