@@ -62,8 +62,6 @@ def setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     if world > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if use_cuda:
-        # every batch has one shape: let cuDNN time its convolution algorithms once and keep the fastest
-        torch.backends.cudnn.benchmark = True
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
