@@ -5,7 +5,9 @@ frames" and "the classifier's verdicts on the cut cells agree with its verdicts 
 cells for >= 99% of cells". Frames are composed of the ELPV test split's cells (never seen in
 training) at 240-320 px per cell, so the classifier sees about its own input resolution.
 `--half-cut-share` mixes in half-cut modules (120/144 half cells): their geometry is scored like the
-rest, but a half cell is no ELPV cell, so only whole-cell frames count towards verdict agreement.
+rest, but a half cell is no ELPV cell, so only whole-cell frames count towards verdict agreement. What
+half cells do get is the false-reject figure a half-cut line lives by: the share of halves of good
+(functional) ELPV cells judged defective, beside the same share for good whole cells.
 
     python -m benchmarks.geometry_accuracy --frames 200 --model models/pvqc-cell/<version>
 """
@@ -28,6 +30,7 @@ from datasets.synthetic import SyntheticFrame, generate_frames
 from model.card import SHIPPED_MODEL_DIR
 from model.geometry import ModuleGeometry, cut_module
 from model.onnx_export import onnx_probabilities
+from model.preprocess import cell_probabilities, flatten_views
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class Judge:
     session: object
     threshold: float
     cut: list[np.ndarray]
+    good_halves_flagged: list[np.ndarray]
 
 
 def load_judges(folders: list[Path], threads: int) -> list[Judge]:
@@ -81,7 +85,7 @@ def load_judges(folders: list[Path], threads: int) -> list[Judge]:
     for folder in folders:
         card = read_card(folder)
         session = onnx_session(card.onnx_path(folder, "fp32"), threads=threads)
-        judges.append(Judge(folder, session, card.operating_points.threshold, []))
+        judges.append(Judge(folder, session, card.operating_points.threshold, [], []))
     return judges
 
 
@@ -103,6 +107,8 @@ def judge_summary(judge: Judge, cells: ElpvCells, truth: np.ndarray) -> dict[str
     shifted = onnx_probabilities(judge.session, half_pixel_shifted(cells.images)) >= judge.threshold
     cut = np.concatenate(judge.cut) if judge.cut else np.zeros(0, bool)
     defective = cells.probabilities[truth] >= 0.5
+    halves = np.concatenate(judge.good_halves_flagged) if judge.good_halves_flagged else np.zeros(0, bool)
+    good_whole = cut[~defective] if cut.size else np.zeros(0, bool)
     return {
         "model": str(judge.folder),
         "threshold": round(judge.threshold, 4),
@@ -113,7 +119,23 @@ def judge_summary(judge: Judge, cells: ElpvCells, truth: np.ndarray) -> dict[str
         "accuracy_on_cut_cells": round(float((cut == defective).mean()), 4),
         "accuracy_on_original_cells": round(float((original[truth] == defective).mean()), 4),
         "defective_on_original": int(original[truth].sum()),
+        # half-cut frames: halves of functional cells judged defective, against functional whole cells
+        "good_halves_judged": int(halves.size),
+        "good_halves_flagged": round(float(halves.mean()), 4) if halves.size else None,
+        "good_whole_cells_flagged": round(float(good_whole.mean()), 4) if good_whole.size else None,
     }
+
+
+def judge_good_halves(
+    judges: list[Judge], geometry: ModuleGeometry, frame: SyntheticFrame, cells: ElpvCells
+) -> None:
+    """Each judge's verdicts on the half cells cut from functional ELPV cells, as serving judges them
+    (both mirrored views, the lower probability)."""
+    good = np.array([cells.probabilities[truth.index] == 0 for truth in frame.cells])
+    flat, counts = flatten_views([cell.views for cell in geometry.cells])
+    for judge in judges:
+        probabilities = cell_probabilities(onnx_probabilities(judge.session, flat), counts)
+        judge.good_halves_flagged.append(probabilities[good] >= judge.threshold)
 
 
 def main(args: argparse.Namespace) -> dict[str, object]:
@@ -141,7 +163,9 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         half_cut_frames += frame.spec.half_cut
         if score.worst > CENTRE_TOLERANCE:
             log.warning("frame %d: %s worst %.4f (%s)", number, frame.spec, score.worst, geometry.reason)
-        if judges and score.ok and not frame.spec.half_cut:
+        if judges and score.ok and frame.spec.half_cut:
+            judge_good_halves(judges, geometry, frame, cells)
+        elif judges and score.ok:
             # classified as it goes, so memory stays flat
             images = np.stack([cell.image for cell in geometry.cells])
             for judge in judges:

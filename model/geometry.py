@@ -42,7 +42,14 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from model.preprocess import ImageFormatError, resize_cell, to_grey_u8
+from model.preprocess import (
+    ImageFormatError,
+    half_cell_shape,
+    half_cell_views,
+    is_half_cell,
+    resize_cell,
+    to_grey_u8,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +92,17 @@ MIN_EDGE_CONTRAST = 0.15  # a gap shallower than this (relative to the cells) ke
 
 @dataclass(frozen=True)
 class CellCut:
-    """One cell: its place in the upright module, its resampled image, its outline in the frame."""
+    """One cell: its place in the upright module, what the model judges of it, its outline in the frame."""
 
     row: int
     col: int
-    image: np.ndarray  # (cell_size, cell_size) uint8
+    views: np.ndarray  # (V, cell_size, cell_size) uint8: 1 for a whole cell, 2 for a half (cell_views)
     polygon: np.ndarray  # (4, 2) float32, frame pixels, clockwise from top-left
+
+    @property
+    def image(self) -> np.ndarray:
+        """The first view: a whole cell's only one."""
+        return self.views[0]
 
 
 @dataclass(frozen=True)
@@ -1066,8 +1078,49 @@ def cut_cells(
             )
             in_frame = cv2.perspectiveTransform(corners.reshape(-1, 1, 2), from_rect)
             polygon = in_frame.reshape(4, 2).astype(np.float32)
-            cells.append(CellCut(r, c, resample_cell(grey, polygon, cell_size), polygon))
+            cells.append(CellCut(r, c, cell_views(grey, polygon, cell_size), polygon))
     return cells
+
+
+def outline_sides(polygon: np.ndarray) -> tuple[float, float]:
+    """(width, height) of a cell outline (clockwise from top-left): the mean of its opposite sides."""
+    p = np.asarray(polygon, dtype=np.float64)
+    width = (np.hypot(*(p[1] - p[0])) + np.hypot(*(p[2] - p[3]))) / 2
+    height = (np.hypot(*(p[3] - p[0])) + np.hypot(*(p[2] - p[1]))) / 2
+    return float(width), float(height)
+
+
+def cell_views(grey: np.ndarray, polygon: np.ndarray, cell_size: int) -> np.ndarray:
+    """(V, cell_size, cell_size) uint8: what the model judges of the cell inside `polygon`.
+
+    A whole cell is one view (`resample_cell`). A half cell of a half-cut module is resampled keeping
+    its proportions and judged as two mirrored squares (model.preprocess.half_cell_views): stretched to
+    a square it would look defective to a network that learned whole cells. Serving, the shadow model,
+    the heat map and the reviewed-cell export all cut through here, so they see the same pixels.
+    """
+    width, height = outline_sides(polygon)
+    if not is_half_cell(width, height):
+        return resample_cell(grey, polygon, cell_size)[None]
+    rows, cols = half_cell_shape(width, height, cell_size)
+    return half_cell_views(resample_quad(grey, polygon, cols, rows), cell_size)
+
+
+def resample_quad(grey: np.ndarray, polygon: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The quadrilateral `polygon` of `grey` as a width x height image; like `resample_cell`, a cell
+    much larger in the frame is warped at its own size first and then shrunk with area interpolation."""
+    along, across = outline_sides(polygon)
+    if along > 1.5 * width or across > 1.5 * height:
+        out_w, out_h = max(width, round(along)), max(height, round(across))
+    else:
+        out_w, out_h = width, height
+    target = np.array([[0, 0], [out_w, 0], [out_w, out_h], [0, out_h]], dtype=np.float32) - 0.5
+    warp = cv2.getPerspectiveTransform(np.asarray(polygon, dtype=np.float32), target)
+    cell = cv2.warpPerspective(
+        grey, warp, (out_w, out_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
+    )
+    if (out_w, out_h) == (width, height):
+        return cell
+    return cv2.resize(cell, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def resample_cell(grey: np.ndarray, polygon: np.ndarray, cell_size: int) -> np.ndarray:

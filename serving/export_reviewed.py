@@ -2,7 +2,8 @@
 
 Owns: the export format that `datasets/reviewed.py` reads, and writing it from the store:
 - `cells/<inspection>_r<row>_c<col>.png`: each labelled cell, cut from the stored frame with the
-  stored polygon by `model.geometry.resample_cell`, the function serving's geometry cut it with;
+  stored polygon by `model.geometry.cell_views`, the function serving's geometry cut it with (a half
+  cell as its first mirrored view);
 - `manifest.jsonl`: one JSON object per cell, sorted by (inspection, row, col): the file and its
   sha256, the label (functional / defective, defect type), where the label came from, `module` (the
   module's serial: the key `datasets/reviewed.py` splits train / validation / test on) and provenance
@@ -59,6 +60,9 @@ MANIFEST_FILE = "manifest.jsonl"
 FOLDER_FILE = "export.json"
 EXPORTS_FILE = "exports.jsonl"
 CELLS_DIR = "cells"
+# how cells are cut, kept with each exported file: files cut another way (half cells stretched to a
+# square, before 2026-11-28) are cut again rather than reused
+CUT = "cell_views-1"
 # 2: `module` is the serial alone (1 keyed the split on line/serial); datasets/reviewed.py reads this
 FORMAT = "pvqc-reviewed-2"
 DEFAULT_CELL_SIZE = INPUT_SIZE  # ELPV's native size, what training reads
@@ -173,7 +177,8 @@ def export_reviewed(
     line_id: str | None = None,
     max_pixels: int = 60_000_000,
 ) -> ExportSummary:
-    from model.geometry import resample_cell
+    from model.geometry import cell_views
+    from model.preprocess import image_views
 
     folder = check_folder(out, line_id)
     # the first query runs before anything is written, so a database that cannot be read leaves no folder
@@ -196,7 +201,12 @@ def export_reviewed(
                     continue
                 name = f"{CELLS_DIR}/{inspection.id:08d}_r{cell.row:02d}_c{cell.col:02d}.png"
                 polygon = [[round(float(v), 2) for v in point] for point in cell.polygon]
-                source = {"frame_sha256": inspection.frame_sha256, "polygon": polygon, "cell_size": cell_size}
+                source = {
+                    "frame_sha256": inspection.frame_sha256,
+                    "polygon": polygon,
+                    "cell_size": cell_size,
+                    "cut": CUT,
+                }
                 earlier = previous.get(name)
                 path = out / name
                 if (
@@ -215,12 +225,11 @@ def export_reviewed(
                         if grey is None:
                             skipped += 1
                             break
+                    # the first view: a whole cell itself, a half cell beside its mirror image, as judged
                     if inspection.kind == InspectionKind.CELL.value:
-                        from model.preprocess import resize_cell
-
-                        image = resize_cell(grey, cell_size)
+                        image = image_views(grey, cell_size)[0]
                     else:
-                        image = resample_cell(grey, np.asarray(polygon, dtype=np.float32), cell_size)
+                        image = cell_views(grey, np.asarray(polygon, dtype=np.float32), cell_size)[0]
                     ok, encoded = cv2.imencode(".png", image)
                     if not ok:
                         raise RuntimeError(f"could not encode {name} as PNG")

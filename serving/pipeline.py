@@ -17,7 +17,7 @@ import anyio
 import numpy as np
 
 from model.card import CellVerdict
-from model.preprocess import resize_cell
+from model.preprocess import cell_probabilities, flatten_views, image_views
 from serving.app import Services
 from serving.db import Inspection, InspectionCell, utcnow
 from serving.errors import ApiError
@@ -42,7 +42,7 @@ class FrameRequest:
 
 @dataclass
 class _Cells:
-    images: list[np.ndarray]  # (S, S) uint8 each
+    views: list[np.ndarray]  # (V, S, S) uint8 each: what the model judges of each cell
     positions: list[tuple[int, int]]  # (row, col) each
     polygons: list[list[list[float]] | None]
     geometry_ok: bool = True
@@ -104,7 +104,7 @@ async def _inspect(
     except ImageRejectedError as exc:
         services.metrics.rejected.labels("image").inc()
         raise ApiError(exc.status, str(exc)) from exc
-    probabilities = await _probabilities(services, runtime, cells.images)
+    probabilities = await _probabilities(services, runtime, cells.views)
     _refuse_non_finite(services, runtime, probabilities)
     clock.lap("inference")
     row = _inspection_row(runtime, request, kind, rows, cols, decoded, cells, probabilities)
@@ -113,10 +113,10 @@ async def _inspect(
         _count(services, stored)
         await publish_safely(services.publisher, _event_of(stored))
         shadow = services.shadow
-        if shadow is not None and cells.images:
+        if shadow is not None and cells.views:
             from serving.shadow import shadow_later
 
-            shadow_later(services, shadow, stored, decoded.grey, cells.images)
+            shadow_later(services, shadow, stored, decoded.grey, cells.views)
     # a concurrent twin stored first: `row` holds the digest this body was stored under
     return inspection_out(
         stored if created else _same_frame(stored, request, row.frame_sha256), duplicate=not created
@@ -185,7 +185,7 @@ def _cut_module(decoded: DecodedImage, rows: int, cols: int, size: int, max_pixe
     # a refused frame keeps what the geometry saw too: "2 modules in view" explains a REVIEW as well
     cells = [] if not geometry.ok else geometry.cells
     return _Cells(
-        images=[cell.image for cell in cells],
+        views=[cell.views for cell in cells],
         positions=[(cell.row, cell.col) for cell in cells],
         polygons=[np.asarray(cell.polygon, dtype=float).round(2).tolist() for cell in cells],
         geometry_ok=geometry.ok,
@@ -200,21 +200,22 @@ def _cut_module(decoded: DecodedImage, rows: int, cols: int, size: int, max_pixe
 def _whole_cell(decoded: DecodedImage, size: int) -> _Cells:
     w, h = float(decoded.width), float(decoded.height)
     outline = [[0.0, 0.0], [w, 0.0], [w, h], [0.0, h]]
-    return _Cells([resize_cell(decoded.grey, size)], [(0, 0)], [outline], confidence=1.0)
+    return _Cells([image_views(decoded.grey, size)], [(0, 0)], [outline], confidence=1.0)
 
 
-async def _probabilities(services: Services, runtime: ModelRuntime, images: list[np.ndarray]) -> list[float]:
-    if not images:
+async def _probabilities(services: Services, runtime: ModelRuntime, views: list[np.ndarray]) -> list[float]:
+    """Each cell's probability: the lowest of its views' (a half cell has two, model.preprocess)."""
+    if not views:
         return []
+    flat, counts = flatten_views(views)
     # uint8 (n, 1, S, S): the batcher makes the float32 input of cells_to_batch per onnxruntime call,
     # so waiting cells take a quarter of the memory
-    batch = np.stack(images)[:, None]
     try:
-        outputs = await services.batcher.infer(batch, runtime)
+        outputs = await services.batcher.infer(flat[:, None], runtime)
     except QueueFullError as exc:
         services.refuse_queue_full(str(exc))
-    probability = outputs[runtime.card.probability_output]
-    return [float(p) for p in np.asarray(probability).reshape(-1)]
+    probability = np.asarray(outputs[runtime.card.probability_output])
+    return [float(p) for p in cell_probabilities(probability, counts)]
 
 
 def _inspection_row(

@@ -18,6 +18,7 @@ import numpy as np
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from model.preprocess import cell_probabilities, flatten_views
 from serving.app import Services
 from serving.db import Inspection, ShadowResult, utcnow
 from serving.inference import ModelRuntime
@@ -31,7 +32,7 @@ def shadow_later(
     shadow: ModelRuntime,
     inspection: Inspection,
     grey: np.ndarray,
-    images: list[np.ndarray],
+    views: list[np.ndarray],
 ) -> None:
     """Schedule the shadow's scoring of a just-stored inspection; the task is kept until done.
 
@@ -44,9 +45,9 @@ def shadow_later(
         log.info("shadow skipped inspection %d: %d scorings already in flight", inspection.id, limit)
         return
     # the frame is only needed to cut cells at another size; otherwise it is not kept alive
-    frame = None if images and images[0].shape[-1] == shadow.size else grey
+    frame = None if views and views[0].shape[-1] == shadow.size else grey
     task = asyncio.create_task(
-        score_in_shadow(services, shadow, inspection, frame, images), name=f"pvqc-shadow-{inspection.id}"
+        score_in_shadow(services, shadow, inspection, frame, views), name=f"pvqc-shadow-{inspection.id}"
     )
     services.tasks.add(task)
     task.add_done_callback(services.tasks.discard)
@@ -57,11 +58,11 @@ def in_flight_limit(services: Services) -> int:
     return 2 * services.settings.resolved_frame_workers
 
 
-def cut_for(shadow: ModelRuntime, grey: np.ndarray, polygons: list[Any]) -> np.ndarray:
-    """The cells at the shadow's input size, cut from the frame with the stored polygons."""
-    from model.geometry import resample_cell
+def cut_for(shadow: ModelRuntime, grey: np.ndarray, polygons: list[Any]) -> list[np.ndarray]:
+    """Each cell's views at the shadow's input size, cut from the frame with the stored polygons."""
+    from model.geometry import cell_views
 
-    return np.stack([resample_cell(grey, np.asarray(p, dtype=np.float32), shadow.size) for p in polygons])
+    return [cell_views(grey, np.asarray(p, dtype=np.float32), shadow.size) for p in polygons]
 
 
 async def score_in_shadow(
@@ -69,21 +70,20 @@ async def score_in_shadow(
     shadow: ModelRuntime,
     inspection: Inspection,
     grey: np.ndarray | None,
-    images: list[np.ndarray],
+    views: list[np.ndarray],
 ) -> None:
     try:
-        if not services.batcher.has_room(len(images)):
+        if not services.batcher.has_room(sum(len(v) for v in views)):
             log.info("shadow skipped inspection %d: the batcher is busy", inspection.id)
             return
-        if grey is None:  # the served cells are at the shadow's size already
-            cells = np.stack(images)
-        else:
+        if grey is not None:  # another input size: cut again from the frame
             polygons = [cell.polygon for cell in inspection.cells]
-            cells = await anyio.to_thread.run_sync(
+            views = await anyio.to_thread.run_sync(
                 cut_for, shadow, grey, polygons, limiter=services.frame_limiter
             )
-        outputs = await services.batcher.infer(cells[:, None], shadow)
-        probabilities = np.asarray(outputs[shadow.card.probability_output], dtype=float).reshape(-1)
+        flat, counts = flatten_views(views)
+        outputs = await services.batcher.infer(flat[:, None], shadow)
+        probabilities = cell_probabilities(np.asarray(outputs[shadow.card.probability_output]), counts)
         points = shadow.card.operating_points
         judged = [points.judge(float(p)) for p in probabilities]
         verdict = module_verdict(judged, True)

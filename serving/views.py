@@ -4,9 +4,10 @@ Owns: a JPEG preview of a stored frame (browsers show no TIFF and no 16-bit PNG,
 is far larger than a screen needs), made once per frame and width and kept on disk beside the
 frames, one at a time per replica (fifty screens asking for the same new thumbnail cost one
 decode, and previews never take more than one core from the line); and a cell's heat map: the
-cell is resampled from the stored frame through its stored polygon (`model.geometry.resample_cell`,
+cell is resampled from the stored frame through its stored polygon (`model.geometry.cell_views`,
 as the pipeline cut it) and run through the micro-batcher, whose `cam` output is the class
-activation map (defect logit per position of the last feature map); a full batcher queue answers
+activation map (defect logit per position of the last feature map); a half cell shows the mirrored
+view that decided its probability (the lower); a full batcher queue answers
 the ingestion routes' 503 with Retry-After. Blocking helpers run in worker threads.
 """
 
@@ -91,11 +92,11 @@ def preview_jpeg(grey: np.ndarray, width: int) -> bytes:
     return bytes(data.tobytes())
 
 
-def _cell_pixels(services: Services, row: Inspection, polygon: list[list[float]], size: int) -> np.ndarray:
-    from model.geometry import resample_cell  # imported here: geometry pulls in more than the rest needs
+def _cell_views(services: Services, row: Inspection, polygon: list[list[float]], size: int) -> np.ndarray:
+    from model.geometry import cell_views  # imported here: geometry pulls in more than the rest needs
 
     grey = load_grey(services, row)
-    return resample_cell(grey, np.asarray(polygon, dtype=np.float32), size)
+    return cell_views(grey, np.asarray(polygon, dtype=np.float32), size)
 
 
 async def cell_heatmap(services: Services, row: Inspection, cell_row: int, cell_col: int) -> dict[str, Any]:
@@ -109,24 +110,26 @@ async def cell_heatmap(services: Services, row: Inspection, cell_row: int, cell_
     if CAM_OUTPUT not in runtime.output_names:
         raise ApiError(501, f"model {runtime.card.name} has no {CAM_OUTPUT!r} output for heat maps")
     polygon = cell.polygon
-    pixels = await anyio.to_thread.run_sync(
-        lambda: _cell_pixels(services, row, polygon, runtime.size), limiter=services.frame_limiter
+    views = await anyio.to_thread.run_sync(
+        lambda: _cell_views(services, row, polygon, runtime.size), limiter=services.frame_limiter
     )
     try:
-        outputs = await services.batcher.infer(pixels[None, None], runtime)
+        outputs = await services.batcher.infer(views[:, None], runtime)
     except QueueFullError as exc:
         services.refuse_queue_full(str(exc))  # the ingestion routes' 503 with Retry-After
-    logits = np.asarray(outputs[CAM_OUTPUT][0], dtype=np.float64)
+    probabilities = np.asarray(outputs[runtime.card.probability_output], dtype=np.float64).reshape(-1)
+    chosen = int(np.argmin(probabilities))  # the view whose probability is the cell's (cell_probabilities)
+    logits = np.asarray(outputs[CAM_OUTPUT][chosen], dtype=np.float64)
     heat = 1.0 / (1.0 + np.exp(-logits))  # per-position defect probability, same scale as the cell's
-    probability = float(np.asarray(outputs[runtime.card.probability_output]).reshape(-1)[0])
     return {
         "inspection_id": row.id,
         "row": cell_row,
         "col": cell_col,
         "stored_probability": cell.probability,
-        "probability": probability,
+        "probability": float(probabilities[chosen]),
+        "views": len(views),
         "cam": heat.round(4).tolist(),
-        "cell_png": _png_data_url(pixels),
+        "cell_png": _png_data_url(views[chosen]),
     }
 
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from datasets.elpv import ElpvCells, load_elpv
-from datasets.synthetic import FrameSpec, SyntheticFrame, generate_frames, render_frame
+from datasets.synthetic import FrameSpec, SyntheticFrame, generate_frames, half_of, render_frame
 from model.geometry import ModuleGeometry, cut_module, draw_grid, find_modules, profile_edges
 
 FRAMES = Path(__file__).parents[1] / "data" / "el-frames"
@@ -396,6 +396,28 @@ def test_half_cut_modules_centres_within_tolerance(cells: ElpvCells) -> None:
         assert geometry.ok, f"frame {number} ({frame.spec}): {geometry.reason}"
         worst = float(centre_errors(frame, geometry).max())
         assert worst <= TOLERANCE, f"frame {number} ({frame.spec}): worst centre error {worst:.3f}"
+
+
+def test_half_cells_are_cut_in_proportion_and_judged_as_two_mirrored_squares(cells: ElpvCells) -> None:
+    spec = FrameSpec(rows=6, cols=20, cell_px=240, rotation_deg=2, noise_sigma=1, half_cut=True)
+    frame = render_frame(cells, spec, np.random.default_rng(4))
+    geometry = cut_module(frame.image, 6, 20, CELL)
+    assert geometry.ok, geometry.reason
+    correlations = []
+    for cut, truth in zip(geometry.cells, frame.cells, strict=True):
+        assert cut.views.shape == (2, CELL, CELL) and cut.views.dtype == np.uint8
+        # tall narrow cells on a 6x20 landscape module: the half fills the left of the first view
+        half = cut.views[0][:, : CELL // 2]
+        np.testing.assert_array_equal(cut.views[0][:, CELL // 2 :], half[:, ::-1])
+        np.testing.assert_array_equal(cut.views[1][:, CELL // 2 :], half)
+        shown = half_of(cells.images[truth.index], truth.part)
+        small = [
+            cv2.resize(image, (15, 30), interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+            for image in (half, shown)
+        ]
+        correlations.append(float(np.corrcoef(small[0], small[1])[0, 1]))
+    # in proportion, not stretched: each half matches the half of the ELPV cell it was made from
+    assert min(correlations) > 0.7 and np.median(correlations) > 0.9, np.round(correlations, 2).tolist()
 
 
 def test_half_cut_module_read_as_full_cells_is_refused(cells: ElpvCells) -> None:

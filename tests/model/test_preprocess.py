@@ -8,7 +8,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from model.preprocess import ImageFormatError, cells_to_batch, dihedral_view, resize_cell, to_grey_u8
+from model.preprocess import (
+    ImageFormatError,
+    cell_probabilities,
+    cells_to_batch,
+    dihedral_view,
+    flatten_views,
+    half_cell_shape,
+    half_cell_views,
+    image_views,
+    is_half_cell,
+    resize_cell,
+    to_grey_u8,
+)
 
 
 def test_sixteen_bit_frames_are_stretched_not_truncated() -> None:
@@ -95,3 +107,59 @@ def test_dihedral_views_are_the_eight_symmetries_of_the_square() -> None:
 def test_batch_layout_is_n_1_h_w_float() -> None:
     batch = cells_to_batch([np.zeros((8, 8), np.uint8)] * 3)
     assert batch.shape == (3, 1, 8, 8) and batch.dtype == np.float32
+
+
+# --- half cells --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "half"),
+    [
+        (100, 100, False),
+        (100, 71, False),
+        (100, 70.5, True),
+        (160, 80, True),
+        (80, 170, True),
+    ],
+)
+def test_an_outline_twice_as_long_as_wide_is_a_half_cell(width: float, height: float, half: bool) -> None:
+    assert is_half_cell(width, height) is half
+    assert not is_half_cell(0, 10)  # a degenerate outline is no cell at all
+
+
+@given(size=st.integers(8, 64), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_half_cell_views_are_the_half_beside_its_mirror_across_each_long_side(size: int, seed: int) -> None:
+    rows, cols = half_cell_shape(2, 1, size)
+    half = np.random.default_rng(seed).integers(0, 256, (rows, cols), dtype=np.uint8)
+    across_bottom, across_top = half_cell_views(half, size)
+    assert across_bottom.shape == across_top.shape == (size, size)
+    extra = size - rows
+    np.testing.assert_array_equal(across_bottom[:rows], half)
+    np.testing.assert_array_equal(across_bottom[rows:], half[::-1][:extra])  # row by row away from the side
+    np.testing.assert_array_equal(across_top[extra:], half)
+    np.testing.assert_array_equal(across_top[:extra], half[:extra][::-1])
+    # a tall half is the same with the axes swapped
+    tall = half_cell_views(np.ascontiguousarray(half.T), size)
+    np.testing.assert_array_equal(tall, np.stack([across_bottom.T, across_top.T]))
+
+
+def test_half_cell_of_the_wrong_shape_is_refused_naming_the_expected_one() -> None:
+    with pytest.raises(ValueError, match=r"expected a half cell of \(150, 300\) pixels, got \(100, 300\)"):
+        half_cell_views(np.zeros((100, 300), np.uint8), 300)
+
+
+def test_image_views_judge_a_whole_cell_once_and_a_half_cell_twice() -> None:
+    assert image_views(np.zeros((310, 290), np.uint8)).shape == (1, 300, 300)
+    assert image_views(np.zeros((80, 160), np.uint8), 64).shape == (2, 64, 64)
+    assert image_views(np.zeros((900, 400), np.uint8), 64).shape == (2, 64, 64)
+
+
+def test_a_cell_takes_the_lowest_of_its_views_probabilities() -> None:
+    flat, counts = flatten_views([np.zeros((1, 4, 4)), np.zeros((2, 4, 4)), np.zeros((1, 4, 4))])
+    assert flat.shape == (4, 4, 4) and counts == [1, 2, 1]
+    np.testing.assert_allclose(cell_probabilities(np.array([0.9, 0.8, 0.3, 0.1]), counts), [0.9, 0.3, 0.1])
+    # a broken model output stays broken, for serving to refuse
+    assert np.isnan(cell_probabilities(np.array([0.9, np.nan, 0.3, 0.1]), counts)[1])
+    with pytest.raises(ValueError, match="expected 4 view probabilities for 3 cells, got 3"):
+        cell_probabilities(np.array([0.9, 0.8, 0.3]), counts)

@@ -205,6 +205,30 @@ def test_cell_route_judges_one_cell(client: TestClient) -> None:
     assert bright["verdict"] == "PASS"
 
 
+def half_cell(top: int, bottom: int, width: int = 128) -> np.ndarray:
+    """A half cell (twice as wide as tall) whose part near the top side has brightness `top` and the
+    part near the bottom side `bottom`."""
+    cell = np.full((width // 2, width), top, np.uint8)
+    cell[width // 4 :] = bottom
+    return cell
+
+
+def test_half_cell_is_judged_by_its_better_mirror_not_stretched(client: TestClient) -> None:
+    # the tiny model reads a view's centre: mirrored across the bottom side the centre is the bright
+    # bottom part, across the top side the dark top part; stretched it would be half of each (REVIEW)
+    headers = {"Content-Type": "image/png", "X-Module-Serial": "H1", "X-Frame-Id": "h1"}
+    mixed = client.post("/lines/L1/cells", content=png(half_cell(DARK, BRIGHT)), headers=headers).json()
+    assert mixed["verdict"] == "PASS"
+    assert mixed["cells"][0]["probability"] == pytest.approx(1 - BRIGHT / 255, abs=1e-3)
+    headers["X-Frame-Id"] = "h2"  # a defect the whole half shows is seen by both mirrors
+    dark = client.post("/lines/L1/cells", content=png(half_cell(DARK, DARK).T.copy()), headers=headers).json()
+    assert dark["verdict"] == "FAIL"
+    heat = client.get(f"/review/inspections/{mixed['inspection_id']}/cells/0/0/heatmap").json()
+    assert heat["views"] == 2 and heat["probability"] == pytest.approx(
+        mixed["cells"][0]["probability"], abs=0.02
+    )
+
+
 def test_publisher_hears_each_new_inspection_once(make_settings) -> None:
     from serving.app import create_app
     from serving.events import RecordingPublisher

@@ -364,7 +364,9 @@
       });
       small.getContext("2d").putImageData(pixels, 0, 0);
       ctx.drawImage(small, 0, 0, canvas.width, canvas.height); // smoothed: the map is coarse
-      $("heat-note").textContent = `cell ${r},${c}: p=${map.probability.toFixed(3)}; red where the network saw a defect`;
+      // a half cell is judged beside its mirror image: say so, or the doubled picture puzzles
+      const half = map.views > 1 ? " (half cell beside its mirror image, as the network judged it)" : "";
+      $("heat-note").textContent = `cell ${r},${c}: p=${map.probability.toFixed(3)}${half}; red where the network saw a defect`;
     };
     img.src = map.cell_png;
   }
