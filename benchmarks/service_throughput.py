@@ -364,6 +364,7 @@ def main() -> None:
                     "modules_per_s": m144["requests_per_s"],
                     # half cells: two model inputs each, so the ratios to raw count half of the work
                     "model_inputs_per_s": round(2 * m144["cells_per_s"], 2),
+                    "model_inputs_ratio_to_raw": round(2 * m144["cells_per_s"] / raw, 3),
                 },
                 "v2_binary": {**with_ratio(v2), "batch": args.v2_batch},
                 "module_60_at_1_per_s": paced,

@@ -112,8 +112,10 @@ class Settings(BaseSettings):
     # micro-batcher
     max_batch: int = Field(default=16, ge=1, description="cells per onnxruntime call")
     max_wait_ms: float = Field(default=5.0, ge=0.0, description="how long a batch waits to fill")
+    # counted in model inputs: a half cell is two (model.preprocess.half_cell_views), so three 144-cell
+    # half-cut modules in flight are 864 of them
     max_queue_cells: int = Field(
-        default=800, ge=1, description="cells waiting beyond this -> 503 (about 90 kB each at 300 px)"
+        default=1000, ge=1, description="model inputs waiting beyond this -> 503 (about 90 kB each at 300 px)"
     )
     retry_after_seconds: int = Field(default=2, ge=1)
     shutdown_grace_seconds: float = Field(
