@@ -26,7 +26,8 @@ How it works, top to bottom:
    measured across it in the full-resolution frame, so a cell is cut without slivers of gap (a
    classifier sees it as it was photographed for training).
 6. Cut: each cell's quadrilateral is mapped back to the frame and resampled once, from the original
-   pixels, to cell_size x cell_size.
+   pixels, to cell_size x cell_size; a half cell in its own proportions, then judged as two mirrored
+   squares (`cell_views`, model.preprocess.half_cell_views).
 A frame that is already a rectified module filling the image (no background) skips step 1 and is
 cut evenly (the gaps only vouch for the grid), so a mosaic of cells comes back tile for tile; when its
 gaps are not where an even cut puts them (a tilted module or its frame filling the picture), it is
