@@ -166,10 +166,11 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         if judges and score.ok and frame.spec.half_cut:
             judge_good_halves(judges, geometry, frame, cells)
         elif judges and score.ok:
-            # classified as it goes, so memory stays flat
-            images = np.stack([cell.image for cell in geometry.cells])
+            # classified as it goes, so memory stays flat; each cell as serving judges it (its views)
+            flat, counts = flatten_views([cell.views for cell in geometry.cells])
             for judge in judges:
-                judge.cut.append(onnx_probabilities(judge.session, images) >= judge.threshold)
+                probabilities = cell_probabilities(onnx_probabilities(judge.session, flat), counts)
+                judge.cut.append(probabilities >= judge.threshold)
             truth_indices.extend(cell.index for cell in frame.cells)
     within = sum(score.worst <= CENTRE_TOLERANCE for score in scores)
     worst = np.array([score.worst for score in scores])

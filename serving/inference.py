@@ -147,7 +147,8 @@ class MicroBatcher:
         with self._lock:
             if self._pending_cells + n > self.max_queue_cells:
                 raise QueueFullError(
-                    f"{self._pending_cells} cells already waiting (limit {self.max_queue_cells})"
+                    f"{self._pending_cells} model inputs already waiting (limit {self.max_queue_cells}; "
+                    f"this request needs {n})"
                 )
             self._pending_cells += n
         loop = asyncio.get_running_loop()

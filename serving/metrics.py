@@ -31,9 +31,16 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.batch_cells = Histogram(
-            "pvqc_batch_cells", "cells per onnxruntime call", buckets=BATCH_BUCKETS, registry=self.registry
+            "pvqc_batch_cells",
+            "model inputs per onnxruntime call (a half cell is two)",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
         )
-        self.queue_cells = Gauge("pvqc_queue_cells", "cells waiting for inference", registry=self.registry)
+        self.queue_cells = Gauge(
+            "pvqc_queue_cells",
+            "model inputs waiting for inference (a half cell is two)",
+            registry=self.registry,
+        )
         self.verdicts = Counter(
             "pvqc_verdicts",
             "stored inspections by line, kind, verdict and model version",

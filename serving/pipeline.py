@@ -83,8 +83,10 @@ async def _inspect(
     if earlier is not None:  # a re-post (e.g. a retry after a lost response): answer, never count twice
         digest = await anyio.to_thread.run_sync(sha256_hex, request.body)  # up to 64 MB: not on the loop
         return inspection_out(_same_frame(earlier, request, digest), duplicate=True)
+    # a lower bound (a half cell is two model inputs, known only once cut): refuses before decoding when
+    # the queue is plainly full; the batcher checks the exact count
     if not services.batcher.has_room(rows * cols):
-        services.refuse_queue_full(f"{services.batcher.pending_cells} cells already waiting")
+        services.refuse_queue_full(f"{services.batcher.pending_cells} model inputs already waiting")
     clock = _Clock()
     # the model this request starts with judges it to the end, whatever a hot swap does meanwhile
     runtime = services.runtime

@@ -174,6 +174,18 @@ class Settings(BaseSettings):
             raise ValueError("expected at least one line in PVQC_LINES")
         return self
 
+    @model_validator(mode="after")
+    def _queue_holds_a_module(self) -> Settings:
+        # a half cell is two model inputs: a queue smaller than that refuses the line's every frame
+        largest = max(self.lines.items(), key=lambda item: item[1].rows * item[1].cols)
+        needed = 2 * largest[1].rows * largest[1].cols
+        if self.max_queue_cells < needed:
+            raise ValueError(
+                f"max_queue_cells {self.max_queue_cells} cannot hold one module of line {largest[0]!r} "
+                f"({largest[1].rows}x{largest[1].cols}, two model inputs per half cell): expected >= {needed}"
+            )
+        return self
+
     @property
     def resolved_inference_workers(self) -> int:
         return self.inference_workers or usable_cores()

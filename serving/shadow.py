@@ -22,7 +22,7 @@ from model.preprocess import cell_probabilities, flatten_views
 from serving.app import Services
 from serving.db import Inspection, ShadowResult, utcnow
 from serving.inference import ModelRuntime
-from serving.verdicts import module_verdict
+from serving.verdicts import InspectionKind, module_verdict
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,16 @@ def in_flight_limit(services: Services) -> int:
     return 2 * services.settings.resolved_frame_workers
 
 
-def cut_for(shadow: ModelRuntime, grey: np.ndarray, polygons: list[Any]) -> list[np.ndarray]:
-    """Each cell's views at the shadow's input size, cut from the frame with the stored polygons."""
+def cut_for(
+    shadow: ModelRuntime, grey: np.ndarray, polygons: list[Any], whole_frame: bool
+) -> list[np.ndarray]:
+    """Each cell's views at the shadow's input size, made as the pipeline made them: the whole frame
+    resized for a cell inspection, else cut from the frame with the stored polygons."""
     from model.geometry import cell_views
+    from model.preprocess import image_views
 
+    if whole_frame:
+        return [image_views(grey, shadow.size)]
     return [cell_views(grey, np.asarray(p, dtype=np.float32), shadow.size) for p in polygons]
 
 
@@ -78,8 +84,9 @@ async def score_in_shadow(
             return
         if grey is not None:  # another input size: cut again from the frame
             polygons = [cell.polygon for cell in inspection.cells]
+            whole_frame = inspection.kind == InspectionKind.CELL.value
             views = await anyio.to_thread.run_sync(
-                cut_for, shadow, grey, polygons, limiter=services.frame_limiter
+                cut_for, shadow, grey, polygons, whole_frame, limiter=services.frame_limiter
             )
         flat, counts = flatten_views(views)
         outputs = await services.batcher.infer(flat[:, None], shadow)

@@ -25,6 +25,7 @@ from serving.db import Inspection
 from serving.errors import ApiError
 from serving.images import ImageRejectedError, ImageType, decode_image
 from serving.inference import QueueFullError
+from serving.verdicts import InspectionKind
 
 if TYPE_CHECKING:  # serving.app builds the PreviewCache: a run-time import would be circular
     from serving.app import Services
@@ -93,9 +94,14 @@ def preview_jpeg(grey: np.ndarray, width: int) -> bytes:
 
 
 def _cell_views(services: Services, row: Inspection, polygon: list[list[float]], size: int) -> np.ndarray:
+    """The cell's views as the pipeline made them: a cell inspection's whole frame resized, a module's
+    cell warped out of the frame through its polygon."""
     from model.geometry import cell_views  # imported here: geometry pulls in more than the rest needs
+    from model.preprocess import image_views
 
     grey = load_grey(services, row)
+    if row.kind == InspectionKind.CELL.value:
+        return image_views(grey, size)
     return cell_views(grey, np.asarray(polygon, dtype=np.float32), size)
 
 

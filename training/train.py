@@ -315,7 +315,10 @@ def restore(
             f"{saved['batch_size']} cells; "
             f"the config says {config.epochs} of {config.batch_size}"
         )
-    if ("training_model" in state) != (average is not None):
+    # the decay shapes every later step of the average, so a resume keeps it exactly
+    if ("training_model" in state) != (average is not None) or saved.get(
+        "ema_decay", 0.0
+    ) != config.ema_decay:
         raise ConfigError(
             f"cannot resume: {path} was trained with ema_decay {saved.get('ema_decay', 0.0)}; the config "
             f"says {config.ema_decay} (a weight average is either kept from the start or not at all)"

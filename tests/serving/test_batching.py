@@ -94,9 +94,8 @@ def test_queue_bound_raises_instead_of_growing(tiny_model) -> None:
 
 
 def test_full_queue_answers_503_with_retry_after(make_settings: MakeSettings) -> None:
-    with TestClient(
-        create_app(make_settings(max_queue_cells=10, retry_after_seconds=3)), headers=AUTH
-    ) as client:
+    with TestClient(create_app(make_settings(retry_after_seconds=3)), headers=AUTH) as client:
+        client.app.state.services.batcher.max_queue_cells = 10  # type: ignore[attr-defined]  # busy
         body = png(module_frame(np.full((6, 10), BRIGHT)))
         headers = {"Content-Type": "image/png", "X-Module-Serial": "q", "X-Frame-Id": "1"}
         response = client.post("/lines/L1/modules", content=body, headers=headers)
@@ -104,6 +103,15 @@ def test_full_queue_answers_503_with_retry_after(make_settings: MakeSettings) ->
         assert "queue is full" in response.json()["error"]
         assert client.get("/inspections").json()["items"] == []  # nothing stored for a refused frame
         assert 'pvqc_rejected_requests_total{reason="queue_full"} 1.0' in client.get("/metrics").text
+
+
+def test_queue_that_cannot_hold_one_half_cut_module_is_refused_at_start(make_settings: MakeSettings) -> None:
+    from pydantic import ValidationError
+
+    lines = {"H": {"rows": 6, "cols": 24}}
+    with pytest.raises(ValidationError, match=r"cannot hold one module of line 'H' \(6x24.*expected >= 288"):
+        make_settings(lines=lines, max_queue_cells=287)
+    assert make_settings(lines=lines, max_queue_cells=288).max_queue_cells == 288
 
 
 @pytest.mark.parametrize("workers", [1, 2])

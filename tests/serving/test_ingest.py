@@ -224,9 +224,9 @@ def test_half_cell_is_judged_by_its_better_mirror_not_stretched(client: TestClie
     dark = client.post("/lines/L1/cells", content=png(half_cell(DARK, DARK).T.copy()), headers=headers).json()
     assert dark["verdict"] == "FAIL"
     heat = client.get(f"/review/inspections/{mixed['inspection_id']}/cells/0/0/heatmap").json()
-    assert heat["views"] == 2 and heat["probability"] == pytest.approx(
-        mixed["cells"][0]["probability"], abs=0.02
-    )
+    # the heat map sees the pixels the line's verdict came from
+    assert heat["views"] == 2
+    assert heat["probability"] == pytest.approx(mixed["cells"][0]["probability"], abs=1e-5)
 
 
 def test_publisher_hears_each_new_inspection_once(make_settings) -> None:

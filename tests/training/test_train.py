@@ -127,6 +127,15 @@ def test_resume_with_or_without_a_weight_average_against_the_checkpoint_is_refus
         main(tiny_config(tmp_path / "run", ema_decay=0.5), resume=smoke_run / "last.pt")
 
 
+def test_resume_with_another_weight_average_decay_is_refused(tmp_path: Path) -> None:
+    main(tiny_config(tmp_path / "run", **{**EMA_SETTINGS, "limit_train": 4}), stop_after=1)
+    with pytest.raises(ConfigError, match=r"trained with ema_decay 0\.5; the config says 0\.9"):
+        main(
+            tiny_config(tmp_path / "run", **{**EMA_SETTINGS, "limit_train": 4, "ema_decay": 0.9}),
+            resume=tmp_path / "run" / "last.pt",
+        )
+
+
 def test_resume_with_another_schedule_is_refused(smoke_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="scheduled for 1 epochs"):
         main(tiny_config(tmp_path, epochs=3), resume=smoke_run / "last.pt")
