@@ -6,7 +6,10 @@ split by module: every module (a record's `module`, the module serial: one id fa
 module re-tested on a rework line is still one module) falls wholly into train, validation or test,
 decided by a hash of it, so a module never has cells on both sides and a module keeps its side when
 later exports add more modules. Cells come back as `ElpvCells` (labels 1.0 / 0.0, type "reviewed",
-names carrying provenance), so training and evaluation take them like ELPV cells.
+names carrying provenance), so training and evaluation take them like ELPV cells. A half cell
+(stored in its own proportions) comes back as the two mirrored views serving judges
+(model.preprocess.half_cell_views), both with the cell's label and name: training learns from both,
+and evaluation (training/models.py) takes the lower probability per name, as serving does.
 
 Format pvqc-reviewed-1 named modules line/serial, so a re-tested module's inspections were split
 independently (leakage). Its manifests are refused, not re-split by serial: a model card names its
@@ -83,14 +86,15 @@ def module_part(
 
 
 def load_reviewed(folder: Path, part: Part | None = None, size: int = INPUT_SIZE) -> ElpvCells:
-    """The cells of one export folder (only those of `part`, when given) as (N, size, size) uint8."""
+    """The cells of one export folder (only those of `part`, when given) as (N, size, size) uint8, a half
+    cell as two entries (its views) of one name."""
     import cv2
 
-    from model.preprocess import resize_cell
+    from model.preprocess import image_views
 
     records = [r for r in read_manifest(folder) if part is None or module_part(r["module"]) is part]
-    images = np.empty((len(records), size, size), dtype=np.uint8)
-    for i, record in enumerate(records):
+    views: list[np.ndarray] = []
+    for record in records:
         path = folder / record["file"]
         if not path.is_file():
             raise DatasetError(f"the manifest names {path}, which does not exist")
@@ -100,12 +104,21 @@ def load_reviewed(folder: Path, part: Part | None = None, size: int = INPUT_SIZE
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
         if image is None:
             raise DatasetError(f"{path} is not a readable image")
-        images[i] = image if image.shape == (size, size) else resize_cell(image, size)
-    probabilities = np.array([1.0 if r["label"] == "defective" else 0.0 for r in records], dtype=np.float64)
-    types = np.array([REVIEWED_TYPE] * len(records), dtype=str)
-    names = np.array(
-        [f"reviewed:{r['module']}/i{r.get('inspection_id')}/r{r.get('row')}c{r.get('col')}" for r in records],
-        dtype=str,
+        views.append(image_views(image, size))
+    counts = [len(v) for v in views]
+    images = np.concatenate(views) if views else np.empty((0, size, size), dtype=np.uint8)
+    labels = [1.0 if r["label"] == "defective" else 0.0 for r in records]
+    probabilities = np.repeat(np.array(labels, dtype=np.float64), counts)
+    types = np.array([REVIEWED_TYPE] * len(images), dtype=str)
+    names = np.repeat(
+        np.array(
+            [
+                f"reviewed:{r['module']}/i{r.get('inspection_id')}/r{r.get('row')}c{r.get('col')}"
+                for r in records
+            ],
+            dtype=str,
+        ),
+        counts,
     )
     return ElpvCells(images, probabilities, types, names)
 

@@ -46,8 +46,8 @@ import numpy as np
 from model.preprocess import (
     ImageFormatError,
     half_cell_shape,
-    half_cell_views,
     is_half_cell,
+    picture_views,
     resize_cell,
     to_grey_u8,
 )
@@ -1099,11 +1099,17 @@ def cell_views(grey: np.ndarray, polygon: np.ndarray, cell_size: int) -> np.ndar
     a square it would look defective to a network that learned whole cells. Serving, the shadow model,
     the heat map and the reviewed-cell export all cut through here, so they see the same pixels.
     """
+    return picture_views(cell_picture(grey, polygon, cell_size), cell_size)
+
+
+def cell_picture(grey: np.ndarray, polygon: np.ndarray, cell_size: int) -> np.ndarray:
+    """The cell inside `polygon` at the model's scale in its own proportions: a whole cell
+    cell_size x cell_size, a half cell model.preprocess.half_cell_shape (what the export stores)."""
     width, height = outline_sides(polygon)
     if not is_half_cell(width, height):
-        return resample_cell(grey, polygon, cell_size)[None]
+        return resample_cell(grey, polygon, cell_size)
     rows, cols = half_cell_shape(width, height, cell_size)
-    return half_cell_views(resample_quad(grey, polygon, cols, rows), cell_size)
+    return resample_quad(grey, polygon, cols, rows)
 
 
 def resample_quad(grey: np.ndarray, polygon: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -136,18 +136,32 @@ def half_cell_views(half: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     return np.stack([across_bottom, across_top])
 
 
-def image_views(grey: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
-    """(V, size, size) uint8: what the model judges for a whole cut-out cell image, V = 1 for a whole
-    cell and 2 for a half cell (`half_cell_views`)."""
+def image_picture(grey: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+    """A cut-out cell image at the model's scale in its own proportions: a whole cell size x size, a
+    half cell `half_cell_shape` (what the reviewed-cell export stores)."""
     import cv2
 
     height, width = grey.shape
     if not is_half_cell(width, height):
-        return resize_cell(grey, size)[None]
+        return resize_cell(grey, size)
     rows, cols = half_cell_shape(width, height, size)
+    if (height, width) == (rows, cols):
+        return grey
     shrinking = height > rows or width > cols
-    half = cv2.resize(grey, (cols, rows), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-    return half_cell_views(half, size)
+    return cv2.resize(grey, (cols, rows), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def picture_views(picture: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+    """(V, size, size): the views the model judges of an `image_picture` (a whole cell: itself)."""
+    if picture.shape == (size, size):
+        return picture[None]
+    return half_cell_views(picture, size)
+
+
+def image_views(grey: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+    """(V, size, size) uint8: what the model judges for a whole cut-out cell image, V = 1 for a whole
+    cell and 2 for a half cell (`half_cell_views`)."""
+    return picture_views(image_picture(grey, size), size)
 
 
 def flatten_views(views: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:

@@ -2,8 +2,9 @@
 
 Owns: the export format that `datasets/reviewed.py` reads, and writing it from the store:
 - `cells/<inspection>_r<row>_c<col>.png`: each labelled cell, cut from the stored frame with the
-  stored polygon by `model.geometry.cell_views`, the function serving's geometry cut it with (a half
-  cell as its first mirrored view);
+  stored polygon by `model.geometry.cell_picture`, as serving's geometry cut it (a whole cell square,
+  a half cell in its own proportions, half as wide: datasets/reviewed.py makes the two mirrored views
+  serving judges);
 - `manifest.jsonl`: one JSON object per cell, sorted by (inspection, row, col): the file and its
   sha256, the label (functional / defective, defect type), where the label came from, `module` (the
   module's serial: the key `datasets/reviewed.py` splits train / validation / test on) and provenance
@@ -62,7 +63,7 @@ EXPORTS_FILE = "exports.jsonl"
 CELLS_DIR = "cells"
 # how cells are cut, kept with each exported file: files cut another way (half cells stretched to a
 # square, before 2026-11-28) are cut again rather than reused
-CUT = "cell_views-1"
+CUT = "cell_picture-1"
 # 2: `module` is the serial alone (1 keyed the split on line/serial); datasets/reviewed.py reads this
 FORMAT = "pvqc-reviewed-2"
 DEFAULT_CELL_SIZE = INPUT_SIZE  # ELPV's native size, what training reads
@@ -177,8 +178,8 @@ def export_reviewed(
     line_id: str | None = None,
     max_pixels: int = 60_000_000,
 ) -> ExportSummary:
-    from model.geometry import cell_views
-    from model.preprocess import image_views
+    from model.geometry import cell_picture
+    from model.preprocess import image_picture
 
     folder = check_folder(out, line_id)
     # the first query runs before anything is written, so a database that cannot be read leaves no folder
@@ -225,11 +226,11 @@ def export_reviewed(
                         if grey is None:
                             skipped += 1
                             break
-                    # the first view: a whole cell itself, a half cell beside its mirror image, as judged
+                    # a half cell in its own proportions: the reader makes the views serving judged
                     if inspection.kind == InspectionKind.CELL.value:
-                        image = image_views(grey, cell_size)[0]
+                        image = image_picture(grey, cell_size)
                     else:
-                        image = cell_views(grey, np.asarray(polygon, dtype=np.float32), cell_size)[0]
+                        image = cell_picture(grey, np.asarray(polygon, dtype=np.float32), cell_size)
                     ok, encoded = cv2.imencode(".png", image)
                     if not ok:
                         raise RuntimeError(f"could not encode {name} as PNG")

@@ -66,6 +66,23 @@ def predict_folder(folder: Path, card: ModelCard, images: np.ndarray, tta: bool)
     return np.mean([onnx_probabilities(session, dihedral_view(images, v)) for v in views], axis=0)
 
 
+def cell_groups(names: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each cell's first entry, each entry's cell) by name, cells in first-seen order: a reviewed half
+    cell is two entries of one name (its mirrored views, datasets/reviewed.py)."""
+    _, first, inverse = np.unique(names, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order], rank[inverse.reshape(-1)]
+
+
+def lowest_per_cell(probabilities: np.ndarray, groups: np.ndarray, cells: int) -> np.ndarray:
+    """Each cell's probability from its entries': the lowest, as serving combines a half cell's views."""
+    out = np.full(cells, np.inf)
+    np.minimum.at(out, groups, probabilities)
+    return out
+
+
 def escape_rate(probabilities: np.ndarray, labels: np.ndarray, card: ModelCard) -> float | None:
     """Share of defective cells judged functional (below the review threshold): they would PASS."""
     defective = labels >= 0.5
@@ -170,15 +187,16 @@ def compare(
     for set_name, cells in sets.items():
         scored: dict[str, Any] = {}
         probabilities: dict[str, np.ndarray] = {}
+        # one verdict per cell, as the line gets it: a half cell's two views give the lower probability
+        first, groups = cell_groups(cells.names)
+        labels, types, names = cells.probabilities[first], cells.types[first], cells.names[first]
         for role, folder in folders.items():
             card = cards[role]
-            p = predict_folder(folder, card, cells.images, tta)
+            p = lowest_per_cell(predict_folder(folder, card, cells.images, tta), groups, len(first))
             probabilities[role] = p
-            metrics = classification_metrics(
-                p, cells.probabilities, cells.types, card.operating_points.threshold
-            )
-            metrics["escape_rate"] = escape_rate(p, cells.probabilities, card)
-            metrics["review_load"] = review_load(p, cells.probabilities, card)
+            metrics = classification_metrics(p, labels, types, card.operating_points.threshold)
+            metrics["escape_rate"] = escape_rate(p, labels, card)
+            metrics["review_load"] = review_load(p, labels, card)
             scored[role] = {"version": card.version, "metrics": metrics}
         flips = []
         if "active" in folders:
@@ -186,16 +204,16 @@ def compare(
             for i in np.flatnonzero(judged["candidate"] != judged["active"]):
                 flips.append(
                     {
-                        "name": str(cells.names[i]),
-                        "label": float(cells.probabilities[i]),
+                        "name": str(names[i]),
+                        "label": float(labels[i]),
                         "active": float(probabilities["active"][i]),
                         "candidate": float(probabilities["candidate"][i]),
                         "flip": "to_defective" if judged["candidate"][i] else "to_functional",
-                        "correct_now": bool(judged["candidate"][i] == (cells.probabilities[i] >= 0.5)),
+                        "correct_now": bool(judged["candidate"][i] == (labels[i] >= 0.5)),
                     }
                 )
             a, c = scored["active"]["metrics"], scored["candidate"]["metrics"]
-            at_load, refusal = escape_check(probabilities, cells.probabilities, cards, rule)
+            at_load, refusal = escape_check(probabilities, labels, cards, rule)
             c["candidate_escape_rate_at_active_load"] = at_load
             if refusal is not None:
                 reasons.append(f"{set_name}: {refusal}")
@@ -208,7 +226,7 @@ def compare(
                     f"+ {rule.min_reviewed_gain:g}"
                 )
         report["sets"][set_name] = {
-            "cells": len(cells),
+            "cells": len(first),
             "models": scored,
             "disagreements": len(flips),
             "flips": flips,

@@ -224,3 +224,33 @@ def test_the_command_refuses_another_line_filter_in_one_line(
     assert pvqc_main(["export-reviewed", *out]) == 0
     code, err = export_cli(capsys, *out, "--line", "L1")
     assert code == 2 and "exported with all lines (no --line), not --line L1" in err
+
+
+def test_a_half_cell_is_exported_in_proportion_and_read_back_as_the_views_serving_judged(
+    make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    import cv2
+
+    from model.preprocess import image_views
+
+    out = tmp_path / "reviewed"
+    half = np.full((40, 80), BRIGHT, np.uint8)
+    half[:, :20] = DARK  # not symmetric: the two mirrored views differ
+    with TestClient(create_app(make_settings()), headers=AUTH) as client:
+        headers = {"Content-Type": "image/png", "X-Module-Serial": "H", "X-Frame-Id": "1"}
+        response = client.post("/lines/L1/cells", content=png(half), headers=headers)
+        assert response.status_code == 201, response.text
+        inspection = int(response.json()["inspection_id"])
+        decide(
+            client,
+            inspection,
+            {"module": "FAIL", "cells": [{"row": 0, "col": 0, "label": "defective", "defect_type": "crack"}]},
+        )
+        services = client.app.state.services  # type: ignore[attr-defined]
+        export_reviewed(services.sessions, services.frames, out, cell_size=48)
+    record = manifest(out)[f"{inspection}:0,0"]
+    stored = cv2.imread(str(out / record["file"]), cv2.IMREAD_GRAYSCALE)
+    assert stored.shape == (24, 48)  # half as tall as wide, as it was photographed
+    cells = reviewed.load_reviewed(out, size=48)
+    assert len(cells) == 2 and len(set(cells.names)) == 1 and list(cells.probabilities) == [1.0, 1.0]
+    np.testing.assert_array_equal(cells.images, image_views(half, 48))  # the pixels serving judged

@@ -108,3 +108,14 @@ def test_evaluate_without_the_training_extras_says_what_to_install(
     monkeypatch.delitem(sys.modules, "training.metrics", raising=False)
     code, stderr = run_cli(registry, capsys, "evaluate", "2.0.0")
     assert code == 2 and "needs the training extras" in stderr and "pip install '.[train]'" in stderr
+
+
+def test_a_cells_entries_give_the_lowest_probability_in_first_seen_order() -> None:
+    from training.models import cell_groups, lowest_per_cell
+
+    names = np.array(["c", "a", "a", "b"])  # a reviewed half cell "a" is two entries (its views)
+    first, groups = cell_groups(names)
+    assert list(names[first]) == ["c", "a", "b"]
+    np.testing.assert_allclose(
+        lowest_per_cell(np.array([0.9, 0.8, 0.3, 0.1]), groups, len(first)), [0.9, 0.3, 0.1]
+    )
