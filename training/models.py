@@ -35,6 +35,7 @@ from model.registry import Registry, RegistryError, now_iso
 log = logging.getLogger("training.models")
 DEFAULT_ROOT = Path("models/pvqc-cell")
 EVALUATION_DIR = "evaluation"
+QUICK_REPORT = Path("quick-report")  # `evaluate --limit`: beside the full report, never instead of it
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,17 @@ def compare(
     report["reason"] = "; ".join(reasons) if reasons else "meets the rule"
     out = folders["candidate"] / EVALUATION_DIR
     out.mkdir(parents=True, exist_ok=True)
+    if limit is not None:
+        # a quick look at part of the test split decides nothing: it keeps the full evaluation's report
+        # and registry record, and says so
+        report["promote"] = False
+        report["reason"] = (
+            f"a quick look at {limit} ELPV test cells (--limit) records no verdict; evaluate without "
+            f"--limit to decide a promotion (on these cells: {report['reason']})"
+        )
+        (out / QUICK_REPORT.with_suffix(".json")).write_text(json.dumps(report, indent=1) + "\n")
+        (out / QUICK_REPORT.with_suffix(".md")).write_text(markdown(report))
+        return report
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report))
     registry.record_evaluation(
@@ -322,7 +334,11 @@ def cli(argv: list[str] | None = None) -> int:
     evaluate = commands.add_parser("evaluate", help="score CANDIDATE against the active model")
     evaluate.add_argument("candidate")
     evaluate.add_argument("--reviewed", type=Path, action="append", default=[], help="reviewed export folder")
-    evaluate.add_argument("--limit", type=int, help="only the first N ELPV test cells (a quick look)")
+    evaluate.add_argument(
+        "--limit",
+        type=int,
+        help="only the first N ELPV test cells: a quick look (quick-report.md) that records no verdict",
+    )
     evaluate.add_argument("--tta", action="store_true", help="average over the 8 dihedral views")
     evaluate.add_argument("--max-escape-increase", type=float, default=0.0)
     evaluate.add_argument("--min-reviewed-gain", type=float, default=0.0)
@@ -358,7 +374,11 @@ def cli(argv: list[str] | None = None) -> int:
                 "against": report["against"],
                 "promote": report["promote"],
                 "reason": report["reason"],
-                "report": str(registry.folder(args.candidate) / EVALUATION_DIR / "report.md"),
+                "report": str(
+                    registry.folder(args.candidate)
+                    / EVALUATION_DIR
+                    / (f"{QUICK_REPORT}.md" if args.limit is not None else "report.md")
+                ),
             }
         elif args.command == "promote":
             previous = registry.promote(args.version, force=args.force, note=args.note)

@@ -119,3 +119,28 @@ def test_a_cells_entries_give_the_lowest_probability_in_first_seen_order() -> No
     np.testing.assert_allclose(
         lowest_per_cell(np.array([0.9, 0.8, 0.3, 0.1]), groups, len(first)), [0.9, 0.3, 0.1]
     )
+
+
+def test_a_quick_look_with_limit_records_no_verdict_and_keeps_the_full_report(
+    registry: Registry, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cells = ElpvCells(
+        images=np.full((4, 32, 32), 200, np.uint8),
+        probabilities=np.array([0.0, 0.0, 1.0, 1.0]),
+        types=np.array(["mono"] * 4),
+        names=np.array([f"cell{i}.png" for i in range(4)]),
+    )
+    monkeypatch.setattr(models, "held_out_sets", lambda reviewed, limit: {"elpv_test": cells})
+    assert run_cli(registry, capsys, "promote", "1.0.0")[0] == 0
+    assert cli(["--root", str(registry.root), "evaluate", "2.0.0", "--limit", "4"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["promote"] is False and "quick look at 4 ELPV test cells" in printed["reason"]
+    evaluation = registry.root / "2.0.0" / "evaluation"
+    assert printed["report"].endswith("quick-report.md") and (evaluation / "quick-report.json").is_file()
+    assert not (evaluation / "report.json").exists()
+    code, stderr = run_cli(registry, capsys, "promote", "2.0.0")
+    assert_one_line_error(code, stderr, "2.0.0 has no recorded evaluation")
+    # the whole held-out set records a verdict the promotion can rely on
+    assert cli(["--root", str(registry.root), "evaluate", "2.0.0"]) == 0
+    assert (evaluation / "report.json").is_file()
+    assert json.loads(registry.path.read_text())["versions"]["2.0.0"]["evaluation"]["against"] == "1.0.0"
