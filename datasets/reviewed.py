@@ -32,6 +32,9 @@ from model.preprocess import INPUT_SIZE
 MANIFEST_FILE = "manifest.jsonl"
 FORMAT = "pvqc-reviewed-2"  # serving/export_reviewed.py's FORMAT (this package may not import serving)
 OLD_FORMATS = ("pvqc-reviewed-1",)
+# how the export cut the cells (serving/export_reviewed.py's CUT): earlier exports stretched or mirrored
+# half cells to a square, which is not what the line judges
+CUT = "cell_picture-1"
 REVIEWED_TYPE = "reviewed"
 TEST_FRACTION = 0.2
 VALIDATION_FRACTION = 0.15
@@ -64,6 +67,12 @@ def read_manifest(folder: Path) -> list[dict[str, Any]]:
             raise DatasetError(
                 f"{path}:{number} is format {record['format']!r}{why}; expected {FORMAT}: "
                 "re-export it with pvqc export-reviewed into a new folder"
+            )
+        if "format" in record and record.get("cut") != CUT:
+            raise DatasetError(
+                f"{path}:{number} was cut by an earlier pvqc export "
+                f"({record.get('cut', 'half cells stretched')}); expected {CUT}: run pvqc export-reviewed "
+                f"again into {folder}, which cuts those cells anew"
             )
         if record["label"] not in ("functional", "defective"):
             raise DatasetError(
@@ -121,6 +130,23 @@ def load_reviewed(folder: Path, part: Part | None = None, size: int = INPUT_SIZE
         counts,
     )
     return ElpvCells(images, probabilities, types, names)
+
+
+def cell_groups(names: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each cell's first entry, each entry's cell) by name, cells in first-seen order: a reviewed half
+    cell is two entries of one name (its mirrored views, datasets/reviewed.py)."""
+    _, first, inverse = np.unique(names, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order], rank[inverse.reshape(-1)]
+
+
+def lowest_per_cell(probabilities: np.ndarray, groups: np.ndarray, cells: int) -> np.ndarray:
+    """Each cell's probability from its entries': the lowest, as serving combines a half cell's views."""
+    out = np.full(cells, np.inf)
+    np.minimum.at(out, groups, probabilities)
+    return out
 
 
 def concatenate(parts: list[ElpvCells]) -> ElpvCells:

@@ -63,7 +63,7 @@ EXPORTS_FILE = "exports.jsonl"
 CELLS_DIR = "cells"
 # how cells are cut, kept with each exported file: files cut another way (half cells stretched to a
 # square, before 2026-11-28) are cut again rather than reused
-CUT = "cell_picture-1"
+CUT = "cell_picture-1"  # datasets/reviewed.py's CUT (that package may not import serving)
 # 2: `module` is the serial alone (1 keyed the split on line/serial); datasets/reviewed.py reads this
 FORMAT = "pvqc-reviewed-2"
 DEFAULT_CELL_SIZE = INPUT_SIZE  # ELPV's native size, what training reads
@@ -303,13 +303,18 @@ def load_frame(frames: FrameStore, digest: str, content_type: str, max_pixels: i
         return None
 
 
-def positive_int(text: str) -> int:
+MIN_CELL_SIZE = 16  # a half cell keeps half of it: below this a cell is no picture of a cell
+
+
+def cell_size_arg(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number of pixels > 0, got {text!r}")
+    if value < MIN_CELL_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of pixels >= {MIN_CELL_SIZE}, got {text!r}"
+        )
     return value
 
 
@@ -353,7 +358,7 @@ def cli(argv: list[str] | None = None) -> int:
         "--out", type=Path, required=True, help="export folder; re-used, exports are incremental"
     )
     parser.add_argument(
-        "--cell-size", type=positive_int, default=DEFAULT_CELL_SIZE, help="pixels per cell side"
+        "--cell-size", type=cell_size_arg, default=DEFAULT_CELL_SIZE, help="pixels per cell side"
     )
     parser.add_argument("--line", help="only this line's modules (a folder keeps the filter it began with)")
     parser.add_argument("--database-url", help="SQLAlchemy URL; default: the service's (PVQC_ settings)")

@@ -67,10 +67,13 @@ def wait_for_version(client: httpx.Client, version: str, timeout: float = 30.0) 
 
 
 @pytest.mark.slow
-def test_review_export_retrain_evaluate_promote_swap_rollback(tmp_path: Path) -> None:
+def test_review_export_retrain_evaluate_promote_swap_rollback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from serving.db import make_engine
     from serving.export_reviewed import MANIFEST_FILE, export_reviewed
     from serving.store import FrameStore
+    from training import models
     from training.config import TrainConfig
     from training.export import main as export_release
     from training.models import Rule, compare
@@ -168,8 +171,11 @@ def test_review_export_retrain_evaluate_promote_swap_rollback(tmp_path: Path) ->
         export_release(run / "best.pt", registry.root / candidate, candidate, False, False, 16)
 
         # evaluate against the active model on held-out ELPV and reviewed test modules
+        # 16 ELPV test cells keep the test fast; `--limit` would make it a quick look that records nothing
+        whole_sets = models.held_out_sets
+        monkeypatch.setattr(models, "held_out_sets", lambda sets, limit: whole_sets(sets, 16))
         report = compare(
-            registry, candidate, [reviewed], Rule(max_escape_increase=1.0, min_reviewed_gain=-1.0), 16
+            registry, candidate, [reviewed], Rule(max_escape_increase=1.0, min_reviewed_gain=-1.0)
         )
         assert report["against"] == TINY_VERSION and report["promote"], report["reason"]
         assert "reviewed_test" in report["sets"] or "elpv_test" in report["sets"]

@@ -170,8 +170,13 @@ def validation_as_served(
     position = {name: i for i, name in enumerate(names.tolist())}
     wanted = [position.get(name) for name in validation["names"]]
     if any(i is None for i in wanted):
+        from datasets.reviewed import cell_groups, lowest_per_cell
+
+        # one verdict per cell, as the line gets it: a reviewed half cell's two views give the lower
+        first, groups = cell_groups(np.asarray(validation["names"]))
+        probabilities = lowest_per_cell(np.asarray(validation["probabilities"]), groups, len(first))
         views = validation.get("views", 8)
-        return np.asarray(validation["probabilities"]), labels, f"checkpoint's {views}-view average"
+        return probabilities, labels[first], f"checkpoint's {views}-view average, per cell"
     from training.evaluate import predict
 
     cells = load_elpv(root, np.array(wanted, dtype=int))

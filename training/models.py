@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from datasets.elpv import DatasetError, ElpvCells
+from datasets.reviewed import cell_groups, lowest_per_cell
 from model.card import CardError, ModelCard, read_card
 from model.registry import Registry, RegistryError, now_iso
 
@@ -65,23 +66,6 @@ def predict_folder(folder: Path, card: ModelCard, images: np.ndarray, tta: bool)
         raise RegistryError(f"cannot evaluate {folder.name}: {exc}") from exc
     views = range(8) if tta else range(1)
     return np.mean([onnx_probabilities(session, dihedral_view(images, v)) for v in views], axis=0)
-
-
-def cell_groups(names: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(each cell's first entry, each entry's cell) by name, cells in first-seen order: a reviewed half
-    cell is two entries of one name (its mirrored views, datasets/reviewed.py)."""
-    _, first, inverse = np.unique(names, return_index=True, return_inverse=True)
-    order = np.argsort(first)
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return first[order], rank[inverse.reshape(-1)]
-
-
-def lowest_per_cell(probabilities: np.ndarray, groups: np.ndarray, cells: int) -> np.ndarray:
-    """Each cell's probability from its entries': the lowest, as serving combines a half cell's views."""
-    out = np.full(cells, np.inf)
-    np.minimum.at(out, groups, probabilities)
-    return out
 
 
 def escape_rate(probabilities: np.ndarray, labels: np.ndarray, card: ModelCard) -> float | None:

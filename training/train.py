@@ -38,6 +38,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from datasets.elpv import DatasetError, ElpvCells, elpv_root, load_elpv, read_labels, split_indices
+from datasets.reviewed import cell_groups, lowest_per_cell
 from model.network import CellClassifier, WeightsError, build_classifier, soft_bce
 from training.augment import CameraAugment, camera_batch, dihedral_batch, jitter_batch
 from training.config import ConfigError, TrainConfig, load_config
@@ -500,6 +501,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
     from tqdm import tqdm
 
     camera = camera_augment(config)
+    val_first, val_groups = cell_groups(val.names)
     last_epoch = config.epochs if stop_after is None else min(config.epochs, stop_after)
     for epoch in range(first_epoch, last_epoch):
         started = time.perf_counter()
@@ -539,11 +541,13 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
         val_prob = predict_views(
             scored_view, val_inputs, device, 64, config.cache_frozen, config.validation_views
         )
-        metrics = classification_metrics(val_prob, val.probabilities, val.types, 0.5)
+        # model selection on one verdict per cell, as the line gets it (a reviewed half cell is two views)
+        cell_prob = lowest_per_cell(val_prob, val_groups, len(val_first))
+        metrics = classification_metrics(cell_prob, val.probabilities[val_first], val.types[val_first], 0.5)
         val_loss = float(
             soft_bce(
-                torch.logit(torch.from_numpy(val_prob).clamp(1e-6, 1 - 1e-6)),
-                torch.from_numpy(val.probabilities).float(),
+                torch.logit(torch.from_numpy(cell_prob).clamp(1e-6, 1 - 1e-6)),
+                torch.from_numpy(val.probabilities[val_first]).float(),
             )
         )
         row = {

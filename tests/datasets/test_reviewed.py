@@ -13,11 +13,16 @@ import numpy as np
 import pytest
 
 from datasets.elpv import DatasetError
-from datasets.reviewed import FORMAT, MANIFEST_FILE, Part, load_reviewed, module_part
+from datasets.reviewed import CUT, FORMAT, MANIFEST_FILE, Part, load_reviewed, module_part
 
 
 def write_export(
-    folder: Path, modules: int, cells: int = 4, size: int = 64, format_: str | None = FORMAT
+    folder: Path,
+    modules: int,
+    cells: int = 4,
+    size: int = 64,
+    format_: str | None = FORMAT,
+    cut: str | None = CUT,
 ) -> None:
     (folder / "cells").mkdir(parents=True)
     lines = []
@@ -39,6 +44,8 @@ def write_export(
             }
             if format_ is not None:
                 record["format"] = format_
+            if cut is not None:
+                record["cut"] = cut
             lines.append(json.dumps(record))
     (folder / MANIFEST_FILE).write_text("\n".join(lines) + "\n")
 
@@ -95,3 +102,15 @@ def test_a_manifest_split_by_the_old_line_serial_key_is_refused(tmp_path: Path) 
     )  # no format: its `module` names the module, as the current format's
     write_export(hand_written, modules=2, format_=None)
     assert len(load_reviewed(hand_written)) == 8
+
+
+@pytest.mark.parametrize(("cut", "named"), [("cell_views-1", "cell_views-1"), (None, "half cells stretched")])
+def test_an_export_cut_by_an_earlier_pvqc_is_refused_saying_how_to_recut(
+    tmp_path: Path, cut: str | None, named: str
+) -> None:
+    # its half cells are stretched or mirrored squares, not what the line judges
+    write_export(tmp_path / "old", modules=1, cut=cut)
+    with pytest.raises(
+        DatasetError, match=rf"earlier pvqc export \({named}\); expected {CUT}: run pvqc export"
+    ):
+        load_reviewed(tmp_path / "old")

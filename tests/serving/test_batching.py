@@ -95,7 +95,8 @@ def test_queue_bound_raises_instead_of_growing(tiny_model) -> None:
 
 def test_full_queue_answers_503_with_retry_after(make_settings: MakeSettings) -> None:
     with TestClient(create_app(make_settings(retry_after_seconds=3)), headers=AUTH) as client:
-        client.app.state.services.batcher.max_queue_cells = 10  # type: ignore[attr-defined]  # busy
+        batcher = client.app.state.services.batcher  # type: ignore[attr-defined]
+        batcher._pending_cells = batcher.max_queue_cells - 10  # busy: room for 10 model inputs, not 60
         body = png(module_frame(np.full((6, 10), BRIGHT)))
         headers = {"Content-Type": "image/png", "X-Module-Serial": "q", "X-Frame-Id": "1"}
         response = client.post("/lines/L1/modules", content=body, headers=headers)
@@ -103,6 +104,22 @@ def test_full_queue_answers_503_with_retry_after(make_settings: MakeSettings) ->
         assert "queue is full" in response.json()["error"]
         assert client.get("/inspections").json()["items"] == []  # nothing stored for a refused frame
         assert 'pvqc_rejected_requests_total{reason="queue_full"} 1.0' in client.get("/metrics").text
+
+
+def test_a_frame_larger_than_the_whole_queue_is_413_not_a_retry(make_settings: MakeSettings) -> None:
+    with TestClient(create_app(make_settings()), headers=AUTH) as client:
+        client.app.state.services.batcher.max_queue_cells = 59  # type: ignore[attr-defined]
+        headers = {"Content-Type": "image/png", "X-Module-Serial": "big", "X-Frame-Id": "1"}
+        body = png(module_frame(np.full((6, 10), BRIGHT)))
+        response = client.post("/lines/L1/modules", content=body, headers=headers)
+        assert response.status_code == 413 and "Retry-After" not in response.headers
+        assert "60 model inputs (60 cells, two per half cell) and the queue holds at most 59" in response.text
+        # a half cell is two inputs, known only once cut: refused then, before any inference
+        client.app.state.services.batcher.max_queue_cells = 1  # type: ignore[attr-defined]
+        half = np.full((32, 64), BRIGHT, np.uint8)
+        response = client.post("/lines/L1/cells", content=png(half), headers=headers)
+        assert response.status_code == 413 and "2 model inputs (1 cells" in response.text
+        assert client.get("/inspections").json()["items"] == []
 
 
 def test_queue_that_cannot_hold_one_half_cut_module_is_refused_at_start(make_settings: MakeSettings) -> None:

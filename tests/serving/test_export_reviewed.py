@@ -167,15 +167,15 @@ def export_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str
     return code, err
 
 
-def test_the_command_refuses_a_cell_size_below_one(
+def test_the_command_refuses_a_cell_size_too_small_to_show_a_cell(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     out, var = tmp_path / "out", tmp_path / "var"
-    for size in ("0", "-3", "x"):
+    for size in ("0", "-3", "x", "15"):
         with pytest.raises(SystemExit) as exit_info:
             pvqc_main(["export-reviewed", "--out", str(out), "--cell-size", size, "--var-dir", str(var)])
         assert exit_info.value.code == 2
-        assert "--cell-size: expected a whole number of pixels > 0" in capsys.readouterr().err
+        assert "--cell-size: expected a whole number of pixels >= 16" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
