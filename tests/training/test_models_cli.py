@@ -36,6 +36,16 @@ def assert_one_line_error(code: int, stderr: str, expected: str) -> None:
     assert "Traceback" not in stderr
 
 
+def four_cells() -> ElpvCells:
+    """Two functional and two defective 32 px cells: a held-out set small enough for any test."""
+    return ElpvCells(
+        images=np.full((4, 32, 32), 200, np.uint8),
+        probabilities=np.array([0.0, 0.0, 1.0, 1.0]),
+        types=np.array(["mono"] * 4),
+        names=np.array([f"cell{i}.png" for i in range(4)]),
+    )
+
+
 def break_onnx(registry: Registry, version: str) -> None:
     (registry.root / version / "model.onnx").write_bytes(b"not an onnx file (truncated copy)")
 
@@ -52,13 +62,7 @@ def test_an_onnx_file_onnxruntime_cannot_load(
 def test_evaluate_with_an_onnx_file_onnxruntime_cannot_load(
     registry: Registry, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cells = ElpvCells(
-        images=np.full((4, 32, 32), 200, np.uint8),
-        probabilities=np.array([0.0, 0.0, 1.0, 1.0]),
-        types=np.array(["mono"] * 4),
-        names=np.array([f"cell{i}.png" for i in range(4)]),
-    )
-    monkeypatch.setattr(models, "held_out_sets", lambda reviewed, limit: {"elpv_test": cells})
+    monkeypatch.setattr(models, "held_out_sets", lambda reviewed, limit: {"elpv_test": four_cells()})
     break_onnx(registry, "2.0.0")
     code, stderr = run_cli(registry, capsys, "evaluate", "2.0.0")
     assert_one_line_error(code, stderr, "onnxruntime cannot load")
@@ -124,13 +128,7 @@ def test_a_cells_entries_give_the_lowest_probability_in_first_seen_order() -> No
 def test_a_quick_look_with_limit_records_no_verdict_and_keeps_the_full_report(
     registry: Registry, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cells = ElpvCells(
-        images=np.full((4, 32, 32), 200, np.uint8),
-        probabilities=np.array([0.0, 0.0, 1.0, 1.0]),
-        types=np.array(["mono"] * 4),
-        names=np.array([f"cell{i}.png" for i in range(4)]),
-    )
-    monkeypatch.setattr(models, "held_out_sets", lambda reviewed, limit: {"elpv_test": cells})
+    monkeypatch.setattr(models, "held_out_sets", lambda reviewed, limit: {"elpv_test": four_cells()})
     assert run_cli(registry, capsys, "promote", "1.0.0")[0] == 0
     assert cli(["--root", str(registry.root), "evaluate", "2.0.0", "--limit", "4"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -68,19 +68,21 @@ def test_resume_continues_from_the_next_epoch(tmp_path: Path) -> None:
     assert best["epoch"] == aucs.index(max(aucs)) and best["best_auc"] == max(aucs)
 
 
+# two epochs of two batches on a few cells, the early blocks frozen: a run to stop and resume
+SPLIT_RUN: dict[str, Any] = {
+    "epochs": 2,
+    "batch_size": 4,
+    "freeze_blocks": 3,
+    "limit_train": 8,
+    "limit_validation": 4,
+    "validation_views": 1,
+}
+
+
 def test_stop_and_resume_repeats_an_uninterrupted_run(tmp_path: Path) -> None:
     # the full network's input path: dihedral views, brightness jitter and camera noise from the
     # augmentation generator, dropout from the global RNG; all must draw in epoch 2 what they drew straight
-    settings = {
-        "epochs": 2,
-        "batch_size": 4,
-        "freeze_blocks": 3,
-        "limit_train": 8,
-        "limit_validation": 4,
-        "validation_views": 1,
-        "noise_sigma": 2.0,
-        "drop_rate": 0.5,
-    }
+    settings = {**SPLIT_RUN, "noise_sigma": 2.0, "drop_rate": 0.5}
     main(tiny_config(tmp_path / "straight", **settings))
     main(tiny_config(tmp_path / "split", **settings), stop_after=1)
     main(tiny_config(tmp_path / "split", **settings), resume=tmp_path / "split" / "last.pt")
@@ -94,15 +96,7 @@ def test_stop_and_resume_repeats_an_uninterrupted_run(tmp_path: Path) -> None:
     ]
 
 
-EMA_SETTINGS: dict[str, Any] = {
-    "epochs": 2,
-    "batch_size": 4,
-    "freeze_blocks": 3,
-    "limit_train": 8,
-    "limit_validation": 4,
-    "validation_views": 1,
-    "ema_decay": 0.5,
-}
+EMA_SETTINGS: dict[str, Any] = {**SPLIT_RUN, "ema_decay": 0.5}
 
 
 def test_weight_average_is_what_best_pt_keeps_and_a_resume_repeats_it(tmp_path: Path) -> None:
