@@ -108,9 +108,10 @@ def run(args: argparse.Namespace, cells: ElpvCells, client: httpx.Client | None 
     start = time.monotonic()
     with client or httpx.Client(timeout=args.timeout) as client:
         for number, post in enumerate(posts(frames, args.line, args.seed)):
-            # A steady schedule, not a sleep after each post: slow answers do not lower the rate.
+            # A steady schedule, not a sleep after each post: slow answers do not lower the rate. No frame
+            # starts after the duration, whether it is due then or only sent then (a slow service)
             due = start + number / args.rate
-            if args.duration is not None and due - start >= args.duration:
+            if args.duration is not None and max(due, time.monotonic()) - start >= args.duration:
                 break
             time.sleep(max(0.0, due - time.monotonic()))
             outcomes[send(client, url, post, args.rows, args.cols, args.api_key)] += 1
@@ -126,7 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=0.5, help="frames per second")
     stop = parser.add_mutually_exclusive_group()
     stop.add_argument("--count", type=int, help="frames to send (default 10 without --duration)")
-    stop.add_argument("--duration", type=float, help="seconds to run")
+    stop.add_argument("--duration", type=float, help="seconds to run: no frame starts after them")
     parser.add_argument("--rows", type=int, default=6, help="cell rows as the module appears in the frame")
     parser.add_argument(
         "--cols", type=int, default=10, help="cell columns as the module appears in the frame"

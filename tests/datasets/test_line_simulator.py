@@ -92,6 +92,25 @@ def test_unreachable_service_is_counted_not_raised() -> None:
     assert outcomes == {"error": 2}
 
 
+def test_no_frame_starts_after_the_duration_even_when_answers_are_slow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [0.0]  # a fake clock: each answer takes 1 s, the schedule asks for 10 frames a second
+    monkeypatch.setattr(simulator.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(simulator.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        clock[0] += 1.0
+        return httpx.Response(200, json={"verdict": "PASS"})
+
+    args = simulator.parse_args(
+        ["--rate", "10", "--duration", "3", "--rows", "2", "--cols", "3", "--cell-px", "30"]
+    )
+    cells = load_elpv(indices=np.arange(10))
+    outcomes = simulator.run(args, cells, client=httpx.Client(transport=httpx.MockTransport(slow)))
+    assert outcomes == {"PASS": 3} and clock[0] == pytest.approx(3.0)  # it used to send all 30 due frames
+
+
 def test_answers_that_are_not_verdicts_are_counted_by_status() -> None:
     seen: list[httpx.Request] = []
 
