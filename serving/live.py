@@ -226,6 +226,23 @@ def make_broker(settings: Settings) -> Broker:
     return InProcessBroker()
 
 
+class Reservation:
+    """One admitted stream's place in the hub's limit until the stream connects, or is dropped unstarted
+    (the route ties `release` to the stream's lifetime, so a client gone before it began frees it)."""
+
+    def __init__(self, hub: LiveEvents) -> None:
+        self.hub = hub
+        self.held = True
+
+    def release(self) -> bool:
+        """Give the place back; True the first time, False after (idempotent)."""
+        if not self.held:
+            return False
+        self.held = False
+        self.hub.reserved -= 1
+        return True
+
+
 class TooManyClientsError(RuntimeError):
     pass
 
@@ -254,6 +271,7 @@ class LiveEvents:
         self.sessions = sessions
         self.broker = broker
         self.clients: set[Client] = set()
+        self.reserved = 0  # streams admitted by /events whose body has not started yet (Reservation)
         self.latest: dict[str, LiveEvent] = {}  # per line, the event that arrived last
         self.recent: deque[LiveEvent] = deque(maxlen=settings.sse_replay_events)
         self.arrivals = 0  # events delivered to this hub, since start
@@ -390,8 +408,17 @@ class LiveEvents:
             client.resyncs += 1
             self.resyncs += 1
 
-    def connect(self, line_id: str | None) -> Client:
-        if len(self.clients) >= self.settings.sse_max_clients:
+    def reserve(self) -> Reservation:
+        """A place for one more stream, taken when the request is admitted: the stream's body starts
+        only after the 200 went out, too late to refuse it, so the limit is checked here."""
+        if len(self.clients) + self.reserved >= self.settings.sse_max_clients:
+            raise TooManyClientsError(f"{len(self.clients) + self.reserved} live streams are open, the limit")
+        self.reserved += 1
+        return Reservation(self)
+
+    def connect(self, line_id: str | None, reservation: Reservation | None = None) -> Client:
+        admitted = reservation is not None and reservation.release()  # its place was counted then
+        if not admitted and len(self.clients) + self.reserved >= self.settings.sse_max_clients:
             raise TooManyClientsError(f"{len(self.clients)} live streams are open, the limit")
         client = Client(line_id, asyncio.Queue(maxsize=self.settings.sse_client_queue))
         self.clients.add(client)
@@ -436,13 +463,15 @@ async def sse_stream(
     keepalive: float,
     disconnected: Callable[[], Awaitable[bool]],
     allowed: Callable[[], Awaitable[bool]] = _always_allowed,
+    reservation: Reservation | None = None,
 ) -> AsyncIterator[bytes]:
-    """One client's stream. It registers only once iterated, so its `finally` always unregisters.
+    """One client's stream. It registers only once iterated, so its `finally` always unregisters; the
+    place `reservation` holds (taken when the request was admitted) becomes its registration.
 
     `allowed` is asked again every few seconds: a stream outlives the request that checked its key,
     and a revoked key's screen must stop hearing the lines (within the key cache's time).
     """
-    client = hub.connect(line_id)
+    client = hub.connect(line_id, reservation)
     # a disconnect is noticed by cancellation (Starlette watches the socket) or, at the latest,
     # by this check between events: a closed screen never stays counted against the limit
     check_every = min(keepalive, DISCONNECT_CHECK_SECONDS)

@@ -6,6 +6,7 @@ continues after that event, or starts with the latest snapshot of each line. Rol
 
 from __future__ import annotations
 
+import weakref
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
@@ -14,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from serving.auth import LineRole, Role, presented_key
 from serving.deps import ServicesDep, header_count
 from serving.errors import ApiError
-from serving.live import sse_stream
+from serving.live import TooManyClientsError, sse_stream
 
 router = APIRouter(tags=["live"])
 
@@ -29,12 +30,14 @@ async def events(
     hub = services.live
     if hub is None:
         raise ApiError(503, "live events are not running")
-    if len(hub.clients) >= services.settings.sse_max_clients:
+    try:
+        reservation = hub.reserve()
+    except TooManyClientsError:
         raise ApiError(
             503,
-            f"{len(hub.clients)} live streams are open, the most this replica serves",
+            f"{len(hub.clients) + hub.reserved} live streams are open, the most this replica serves",
             {"Retry-After": "5"},
-        )
+        ) from None
     last = _event_id(last_event_id)
     line_id = principal.line_id if principal.role is Role.LINE else None
     key = presented_key(request)
@@ -43,8 +46,16 @@ async def events(
         return key is not None and await services.keys.check(key) is not None
 
     stream = sse_stream(
-        hub, line_id, last, services.settings.sse_keepalive_seconds, request.is_disconnected, still_allowed
+        hub,
+        line_id,
+        last,
+        services.settings.sse_keepalive_seconds,
+        request.is_disconnected,
+        still_allowed,
+        reservation,
     )
+    # a stream dropped before its body started never runs its `finally`: its place is freed when it goes
+    weakref.finalize(stream, reservation.release)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering either
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 

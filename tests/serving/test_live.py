@@ -744,3 +744,34 @@ def test_a_failed_key_check_keeps_the_stream_and_a_refusal_ends_it(make_settings
     frames = asyncio.run(run())
     # the failed check and the good one each let a keep-alive through; the refusal ended the stream
     assert frames[0].startswith(b"retry: ") and frames.count(b": keep-alive\n\n") == 2
+
+
+def test_admitted_streams_count_against_the_limit_before_their_body_starts(
+    make_settings: MakeSettings,
+) -> None:
+    """The 200 goes out before a stream's body runs, too late to refuse it: the limit is taken at
+    admission, and a stream dropped before it started gives its place back."""
+    import gc
+    import weakref
+
+    from serving.live import InProcessBroker, LiveEvents, TooManyClientsError, sse_stream
+
+    async def run() -> None:
+        hub = LiveEvents(make_settings(sse_max_clients=2), None, InProcessBroker())  # type: ignore[arg-type]
+        first, second = hub.reserve(), hub.reserve()
+        with pytest.raises(TooManyClientsError):
+            hub.reserve()  # two admitted, neither started: the third is refused now, not after its 200
+        started = sse_stream(hub, None, None, 15.0, _never_disconnected, reservation=first)
+        assert (await anext(started)).startswith(b"retry: ")
+        assert len(hub.clients) == 1 and hub.reserved == 1  # the place moved from reserved to connected
+        dropped = sse_stream(hub, None, None, 15.0, _never_disconnected, reservation=second)
+        weakref.finalize(dropped, second.release)  # as the route ties it
+        del dropped  # the client went away before its body began: no `finally` ever runs
+        gc.collect()
+        assert hub.reserved == 0
+        third = hub.reserve()  # its place is free again
+        third.release()
+        await started.aclose()
+        assert not hub.clients and hub.reserved == 0
+
+    asyncio.run(run())
