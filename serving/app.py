@@ -78,6 +78,18 @@ class Services:
         retry = str(self.settings.retry_after_seconds)
         raise ApiError(503, f"inference queue is full: {why}; retry later", {"Retry-After": retry})
 
+    def refuse_never_fits(self, inputs: int, what: str) -> None:
+        """413 for a request of more model inputs than the whole queue holds: unlike a busy queue's 503,
+        a retry would meet the same refusal forever."""
+        limit = self.batcher.max_queue_cells
+        if inputs > limit:
+            self.metrics.rejected.labels("too_large").inc()
+            raise ApiError(
+                413,
+                f"{what} is {inputs} model inputs and the queue holds at most {limit}: raise "
+                "PVQC_MAX_QUEUE_CELLS or send fewer",
+            )
+
 
 class _FanOut:
     """The live hub plus any extra listener (tests, embedding scripts) hear every stored inspection."""

@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -241,6 +242,19 @@ class Reservation:
         self.held = False
         self.hub.reserved -= 1
         return True
+
+
+def release_when_dropped(stream: object, reservation: Reservation) -> None:
+    """Free `reservation` once `stream` is garbage: a stream dropped before its body began never runs
+    its `finally`. The finalizer may run in any thread (a cyclic collection on a worker), and the hub's
+    counts belong to the event loop, so the release is handed to the loop."""
+    loop = asyncio.get_running_loop()
+
+    def release() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the hub went with it
+            loop.call_soon_threadsafe(reservation.release)
+
+    weakref.finalize(stream, release)
 
 
 class TooManyClientsError(RuntimeError):

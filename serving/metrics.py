@@ -49,7 +49,7 @@ class ServiceMetrics:
         )
         self.rejected = Counter(
             "pvqc_rejected_requests",
-            "requests answered without a verdict, by reason (image, queue_full, model_output)",
+            "requests answered without a verdict, by reason (image, queue_full, too_large, model_output)",
             ["reason"],
             registry=self.registry,
         )

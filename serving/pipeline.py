@@ -85,7 +85,7 @@ async def _inspect(
         return inspection_out(_same_frame(earlier, request, digest), duplicate=True)
     # a lower bound (a half cell is two model inputs, known only once cut): refuses before decoding when
     # the queue is plainly full; the batcher checks the exact count
-    _refuse_never_fits(services, rows * cols, rows * cols)
+    services.refuse_never_fits(rows * cols, f"this frame ({rows * cols} cells, two inputs per half cell)")
     if not services.batcher.has_room(rows * cols):
         services.refuse_queue_full(f"{services.batcher.pending_cells} model inputs already waiting")
     clock = _Clock()
@@ -206,24 +206,12 @@ def _whole_cell(decoded: DecodedImage, size: int) -> _Cells:
     return _Cells([image_views(decoded.grey, size)], [(0, 0)], [outline], confidence=1.0)
 
 
-def _refuse_never_fits(services: Services, inputs: int, cells: int) -> None:
-    """413 for a frame whose model inputs exceed the whole queue: unlike a busy queue's 503, a retry
-    would meet the same refusal forever."""
-    limit = services.batcher.max_queue_cells
-    if inputs > limit:
-        raise ApiError(
-            413,
-            f"this frame is {inputs} model inputs ({cells} cells, two per half cell) and the queue holds at "
-            f"most {limit}: raise PVQC_MAX_QUEUE_CELLS or use a smaller grid",
-        )
-
-
 async def _probabilities(services: Services, runtime: ModelRuntime, views: list[np.ndarray]) -> list[float]:
     """Each cell's probability: the lowest of its views' (a half cell has two, model.preprocess)."""
     if not views:
         return []
     flat, counts = flatten_views(views)
-    _refuse_never_fits(services, len(flat), len(views))
+    services.refuse_never_fits(len(flat), f"this frame ({len(views)} cells, two inputs per half cell)")
     # uint8 (n, 1, S, S): the batcher makes the float32 input of cells_to_batch per onnxruntime call,
     # so waiting cells take a quarter of the memory
     try:

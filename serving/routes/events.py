@@ -6,7 +6,6 @@ continues after that event, or starts with the latest snapshot of each line. Rol
 
 from __future__ import annotations
 
-import weakref
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
@@ -15,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from serving.auth import LineRole, Role, presented_key
 from serving.deps import ServicesDep, header_count
 from serving.errors import ApiError
-from serving.live import TooManyClientsError, sse_stream
+from serving.live import TooManyClientsError, release_when_dropped, sse_stream
 
 router = APIRouter(tags=["live"])
 
@@ -54,8 +53,7 @@ async def events(
         still_allowed,
         reservation,
     )
-    # a stream dropped before its body started never runs its `finally`: its place is freed when it goes
-    weakref.finalize(stream, reservation.release)
+    release_when_dropped(stream, reservation)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering either
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 

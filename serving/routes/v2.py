@@ -115,6 +115,7 @@ async def infer(
         services.settings.max_v2_batch,
         limiter=services.v2_parse_limiter,
     )
+    services.refuse_never_fits(len(parsed.batch), "this request")
     try:
         values = await services.batcher.infer(parsed.batch, runtime)
     except QueueFullError as exc:

@@ -113,13 +113,19 @@ def test_a_frame_larger_than_the_whole_queue_is_413_not_a_retry(make_settings: M
         body = png(module_frame(np.full((6, 10), BRIGHT)))
         response = client.post("/lines/L1/modules", content=body, headers=headers)
         assert response.status_code == 413 and "Retry-After" not in response.headers
-        assert "60 model inputs (60 cells, two per half cell) and the queue holds at most 59" in response.text
+        assert "(60 cells, two inputs per half cell) is 60 model inputs and the queue holds at most 59" in (
+            response.text
+        )
         # a half cell is two inputs, known only once cut: refused then, before any inference
         client.app.state.services.batcher.max_queue_cells = 1  # type: ignore[attr-defined]
         half = np.full((32, 64), BRIGHT, np.uint8)
         response = client.post("/lines/L1/cells", content=png(half), headers=headers)
-        assert response.status_code == 413 and "2 model inputs (1 cells" in response.text
+        assert (
+            response.status_code == 413
+            and "(1 cells, two inputs per half cell) is 2 model inputs" in response.text
+        )
         assert client.get("/inspections").json()["items"] == []
+        assert 'pvqc_rejected_requests_total{reason="too_large"} 2.0' in client.get("/metrics").text
 
 
 def test_queue_that_cannot_hold_one_half_cut_module_is_refused_at_start(make_settings: MakeSettings) -> None:

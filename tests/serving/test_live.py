@@ -752,9 +752,14 @@ def test_admitted_streams_count_against_the_limit_before_their_body_starts(
     """The 200 goes out before a stream's body runs, too late to refuse it: the limit is taken at
     admission, and a stream dropped before it started gives its place back."""
     import gc
-    import weakref
 
-    from serving.live import InProcessBroker, LiveEvents, TooManyClientsError, sse_stream
+    from serving.live import (
+        InProcessBroker,
+        LiveEvents,
+        TooManyClientsError,
+        release_when_dropped,
+        sse_stream,
+    )
 
     async def run() -> None:
         hub = LiveEvents(make_settings(sse_max_clients=2), None, InProcessBroker())  # type: ignore[arg-type]
@@ -765,9 +770,10 @@ def test_admitted_streams_count_against_the_limit_before_their_body_starts(
         assert (await anext(started)).startswith(b"retry: ")
         assert len(hub.clients) == 1 and hub.reserved == 1  # the place moved from reserved to connected
         dropped = sse_stream(hub, None, None, 15.0, _never_disconnected, reservation=second)
-        weakref.finalize(dropped, second.release)  # as the route ties it
+        release_when_dropped(dropped, second)  # as the route ties it
         del dropped  # the client went away before its body began: no `finally` ever runs
         gc.collect()
+        await asyncio.sleep(0)  # the release is handed to the loop
         assert hub.reserved == 0
         third = hub.reserve()  # its place is free again
         third.release()

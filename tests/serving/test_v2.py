@@ -331,3 +331,14 @@ def test_no_malformed_request_is_a_server_error(make_settings: MakeSettings) -> 
                 assert response.json()["error"]
 
         check()
+
+
+def test_a_batch_larger_than_the_whole_queue_is_413_not_a_retry(app_client: TestClient) -> None:
+    app_client.app.state.services.batcher.max_queue_cells = 1  # type: ignore[attr-defined]
+    request = valid_request()
+    request["inputs"][0]["shape"] = [2, 1, TINY_SIZE, TINY_SIZE]
+    request["inputs"][0]["data"] = [0.0] * (2 * TINY_SIZE * TINY_SIZE)
+    response = app_client.post(INFER, json=request)
+    assert response.status_code == 413 and "Retry-After" not in response.headers
+    assert "this request is 2 model inputs and the queue holds at most 1" in response.text
+    assert 'pvqc_rejected_requests_total{reason="too_large"} 1.0' in app_client.get("/metrics").text
