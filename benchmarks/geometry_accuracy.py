@@ -99,6 +99,12 @@ def half_pixel_shifted(images: np.ndarray) -> np.ndarray:
     )
 
 
+def share(hits: np.ndarray) -> float | None:
+    """The share of True, rounded; None (JSON null, not NaN) when there is nothing to count, as in a
+    run of half-cut frames only."""
+    return round(float(hits.mean()), 4) if hits.size else None
+
+
 def judge_summary(judge: Judge, cells: ElpvCells, truth: np.ndarray) -> dict[str, object]:
     """Agreement of cut-cell verdicts with original-cell verdicts, and both against the labels."""
     original = onnx_probabilities(judge.session, cells.images) >= judge.threshold
@@ -113,11 +119,11 @@ def judge_summary(judge: Judge, cells: ElpvCells, truth: np.ndarray) -> dict[str
         "model": str(judge.folder),
         "threshold": round(judge.threshold, 4),
         "cells_compared": int(cut.size),
-        "verdict_agreement": round(float((cut == original[truth]).mean()), 4),
+        "verdict_agreement": share(cut == original[truth]),
         "agreement_originals_shifted_half_pixel": round(float((shifted == original).mean()), 4),
         # what the line would see: accuracy on the cut cells, beside accuracy on the same cells uncut
-        "accuracy_on_cut_cells": round(float((cut == defective).mean()), 4),
-        "accuracy_on_original_cells": round(float((original[truth] == defective).mean()), 4),
+        "accuracy_on_cut_cells": share(cut == defective),
+        "accuracy_on_original_cells": share(original[truth] == defective),
         "defective_on_original": int(original[truth].sum()),
         # half-cut frames: halves of functional cells judged defective, against functional whole cells
         "good_halves_judged": int(halves.size),
