@@ -106,7 +106,7 @@ class _FanOut:
 
 def start_services(settings: Settings, publisher: EventPublisher | None) -> Services:
     """Everything the routes need, ready to serve (blocking: run it off the event loop)."""
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url, settings.db_pool_size, settings.db_max_overflow)
     upgrade_head(engine)
     sessions = sessionmaker(engine, expire_on_commit=False)
     configured = settings.bootstrap_admin_key

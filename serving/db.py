@@ -190,8 +190,10 @@ class ShadowResult(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-def make_engine(url: str) -> Engine:
-    """An engine whose commits are durable; SQLite parent folders are created."""
+def make_engine(url: str, pool_size: int = 10, max_overflow: int = 10) -> Engine:
+    """An engine whose commits are durable; SQLite parent folders are created. `pool_size` +
+    `max_overflow` bound one process's PostgreSQL connections (replicas x that must fit the server's
+    max_connections)."""
     if url.startswith("sqlite"):
         database = url.split("///", 1)[-1]
         if database and database != ":memory:":
@@ -199,7 +201,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

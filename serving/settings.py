@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     # store
     var_dir: Path = Path("var")
     database_url: str = ""  # empty: sqlite file under var_dir
+    # PostgreSQL connections one replica may hold: kept, and opened beyond those under a burst. Replicas
+    # (the autoscaler's maximum) x their sum must stay below the server's max_connections (100 by default)
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
     frames_dir: Path | None = None  # None: var_dir / "frames"
 
     # lines

@@ -57,3 +57,15 @@ def test_rolling_back_the_geometry_notes_keeps_every_row(
     upgrade_head(engine)
     engine.dispose()
     assert row_counts(database_url) == stored
+
+
+def test_postgres_connections_per_replica_come_from_settings(make_settings: MakeSettings) -> None:
+    # replicas x (pool + overflow) must fit the server's max_connections: the deployment sets them
+    settings = make_settings(
+        database_url="postgresql+psycopg://pvqc@db.invalid/pvqc", db_pool_size=5, db_max_overflow=3
+    )
+    engine = make_engine(settings.resolved_database_url, settings.db_pool_size, settings.db_max_overflow)
+    try:
+        assert engine.pool.size() == 5 and engine.pool._max_overflow == 3  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()  # never connected: the host does not exist
