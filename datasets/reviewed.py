@@ -142,13 +142,6 @@ def cell_groups(names: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first[order], rank[inverse.reshape(-1)]
 
 
-def lowest_per_cell(probabilities: np.ndarray, groups: np.ndarray, cells: int) -> np.ndarray:
-    """Each cell's probability from its entries': the lowest, as serving combines a half cell's views."""
-    out = np.full(cells, np.inf)
-    np.minimum.at(out, groups, probabilities)
-    return out
-
-
 def concatenate(parts: list[ElpvCells]) -> ElpvCells:
     """One ElpvCells of several (e.g. ELPV train cells and reviewed train cells)."""
     parts = [p for p in parts if len(p)] or parts[:1]

@@ -46,9 +46,10 @@ import numpy as np
 from model.preprocess import (
     ImageFormatError,
     half_cell_shape,
+    image_picture,
     is_half_cell,
     picture_views,
-    resize_cell,
+    resize_to,
     to_grey_u8,
 )
 
@@ -1113,35 +1114,36 @@ def cell_picture(grey: np.ndarray, polygon: np.ndarray, cell_size: int) -> np.nd
 
 
 def resample_quad(grey: np.ndarray, polygon: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The quadrilateral `polygon` of `grey` as a width x height image; like `resample_cell`, a cell
-    much larger in the frame is warped at its own size first and then shrunk with area interpolation."""
+    """The quadrilateral `polygon` of `grey` as a width x height image.
+
+    A cell much larger in the frame than that is warped at its own size first and then shrunk with
+    area interpolation (resize_to), so thin cracks are not lost to aliasing.
+    """
     along, across = outline_sides(polygon)
     if along > 1.5 * width or across > 1.5 * height:
         out_w, out_h = max(width, round(along)), max(height, round(across))
     else:
         out_w, out_h = width, height
+    # Pixel edges, not centres: the polygon's corners are the outer corners of the output's pixels.
     target = np.array([[0, 0], [out_w, 0], [out_w, out_h], [0, out_h]], dtype=np.float32) - 0.5
     warp = cv2.getPerspectiveTransform(np.asarray(polygon, dtype=np.float32), target)
     cell = cv2.warpPerspective(
         grey, warp, (out_w, out_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
     )
-    if (out_w, out_h) == (width, height):
-        return cell
-    return cv2.resize(cell, (width, height), interpolation=cv2.INTER_AREA)
+    return resize_to(cell, height, width)
 
 
 def resample_cell(grey: np.ndarray, polygon: np.ndarray, cell_size: int) -> np.ndarray:
-    """The quadrilateral `polygon` of `grey` as a cell_size x cell_size image.
+    """The quadrilateral `polygon` of `grey` as a cell_size x cell_size image (`resample_quad`)."""
+    return resample_quad(grey, polygon, cell_size, cell_size)
 
-    A cell much larger in the frame than cell_size is warped at its own size first and then shrunk
-    with area interpolation (resize_cell), so thin cracks are not lost to aliasing.
-    """
-    side = float(max(np.hypot(*(polygon[1] - polygon[0])), np.hypot(*(polygon[3] - polygon[0]))))
-    size = round(side) if side > 1.5 * cell_size else cell_size
-    # Pixel edges, not centres: the polygon's corners are the outer corners of the output's pixels.
-    target = np.array([[0, 0], [size, 0], [size, size], [0, size]], dtype=np.float32) - 0.5
-    warp = cv2.getPerspectiveTransform(polygon + 0.0, target)
-    cell = cv2.warpPerspective(
-        grey, warp, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
-    )
-    return resize_cell(cell, cell_size)
+
+def stored_cell_picture(
+    grey: np.ndarray, polygon: np.ndarray | list[list[float]], cell_size: int, whole_frame: bool
+) -> np.ndarray:
+    """A stored cell cut again from its stored frame as the pipeline cut it (`cell_picture`): a cell
+    inspection's whole frame (model.preprocess.image_picture), else the cell inside its polygon. The
+    shadow model, the heat map and the reviewed-cell export all re-cut through here."""
+    if whole_frame:
+        return image_picture(grey, cell_size)
+    return cell_picture(grey, np.asarray(polygon, dtype=np.float32), cell_size)

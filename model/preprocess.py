@@ -90,15 +90,20 @@ def _stretch_to_u8(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def resize_cell(cell: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
-    """A grey cell at size x size; area interpolation when shrinking keeps thin cracks visible."""
+def resize_to(grey: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """A grey image at rows x cols; area interpolation when shrinking keeps thin cracks visible."""
     import cv2
 
-    if cell.shape == (size, size):
-        return cell
-    shrinking = cell.shape[0] > size or cell.shape[1] > size
+    if grey.shape == (rows, cols):
+        return grey
+    shrinking = grey.shape[0] > rows or grey.shape[1] > cols
     interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(cell, (size, size), interpolation=interpolation)
+    return cv2.resize(grey, (cols, rows), interpolation=interpolation)
+
+
+def resize_cell(cell: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+    """A grey cell at size x size (`resize_to`)."""
+    return resize_to(cell, size, size)
 
 
 def is_half_cell(width: float, height: float) -> bool:
@@ -139,16 +144,10 @@ def half_cell_views(half: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
 def image_picture(grey: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     """A cut-out cell image at the model's scale in its own proportions: a whole cell size x size, a
     half cell `half_cell_shape` (what the reviewed-cell export stores)."""
-    import cv2
-
     height, width = grey.shape
     if not is_half_cell(width, height):
         return resize_cell(grey, size)
-    rows, cols = half_cell_shape(width, height, size)
-    if (height, width) == (rows, cols):
-        return grey
-    shrinking = height > rows or width > cols
-    return cv2.resize(grey, (cols, rows), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return resize_to(grey, *half_cell_shape(width, height, size))
 
 
 def picture_views(picture: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
@@ -181,8 +180,16 @@ def cell_probabilities(view_probabilities: np.ndarray, counts: Sequence[int]) ->
         raise ValueError(
             f"expected {sum(counts)} view probabilities for {len(counts)} cells, got {len(values)}"
         )
-    ends = np.cumsum(counts)
-    return np.array([values[end - n : end].min() for n, end in zip(counts, ends, strict=True)])
+    return lowest_per_cell(values, np.repeat(np.arange(len(counts)), counts), len(counts))
+
+
+def lowest_per_cell(probabilities: np.ndarray, cells_of: np.ndarray, cells: int) -> np.ndarray:
+    """The lowest probability of each of `cells` cells, entry i belonging to cell `cells_of[i]`: how a
+    half cell's views combine, in serving (`cell_probabilities`) and in evaluation (reviewed sets)."""
+    out = np.full(cells, np.inf)
+    with np.errstate(invalid="ignore"):  # NaN stays NaN, meant: a broken model output is refused later
+        np.minimum.at(out, cells_of, np.asarray(probabilities, dtype=float))
+    return out
 
 
 def cells_to_batch(cells: list[np.ndarray] | np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Owns: the export format that `datasets/reviewed.py` reads, and writing it from the store:
 - `cells/<inspection>_r<row>_c<col>.png`: each labelled cell, cut from the stored frame with the
-  stored polygon by `model.geometry.cell_picture`, as serving's geometry cut it (a whole cell square,
+  stored polygon by `model.geometry.stored_cell_picture`, as serving's geometry cut it (a whole cell square,
   a half cell in its own proportions, half as wide: datasets/reviewed.py makes the two mirrored views
   serving judges);
 - `manifest.jsonl`: one JSON object per cell, sorted by (inspection, row, col): the file and its
@@ -178,8 +178,7 @@ def export_reviewed(
     line_id: str | None = None,
     max_pixels: int = 60_000_000,
 ) -> ExportSummary:
-    from model.geometry import cell_picture
-    from model.preprocess import image_picture
+    from model.geometry import stored_cell_picture
 
     folder = check_folder(out, line_id)
     # the first query runs before anything is written, so a database that cannot be read leaves no folder
@@ -227,10 +226,8 @@ def export_reviewed(
                             skipped += 1
                             break
                     # a half cell in its own proportions: the reader makes the views serving judged
-                    if inspection.kind == InspectionKind.CELL.value:
-                        image = image_picture(grey, cell_size)
-                    else:
-                        image = cell_picture(grey, np.asarray(polygon, dtype=np.float32), cell_size)
+                    whole_frame = inspection.kind == InspectionKind.CELL.value
+                    image = stored_cell_picture(grey, polygon, cell_size, whole_frame)
                     ok, encoded = cv2.imencode(".png", image)
                     if not ok:
                         raise RuntimeError(f"could not encode {name} as PNG")

@@ -61,14 +61,12 @@ def in_flight_limit(services: Services) -> int:
 def cut_for(
     shadow: ModelRuntime, grey: np.ndarray, polygons: list[Any], whole_frame: bool
 ) -> list[np.ndarray]:
-    """Each cell's views at the shadow's input size, made as the pipeline made them: the whole frame
-    resized for a cell inspection, else cut from the frame with the stored polygons."""
-    from model.geometry import cell_views
-    from model.preprocess import image_views
+    """Each cell's views at the shadow's input size, cut again from the frame as the pipeline cut them."""
+    from model.geometry import stored_cell_picture
+    from model.preprocess import picture_views
 
-    if whole_frame:
-        return [image_views(grey, shadow.size)]
-    return [cell_views(grey, np.asarray(p, dtype=np.float32), shadow.size) for p in polygons]
+    size = shadow.size
+    return [picture_views(stored_cell_picture(grey, p, size, whole_frame), size) for p in polygons]
 
 
 async def score_in_shadow(

@@ -170,7 +170,8 @@ def validation_as_served(
     position = {name: i for i, name in enumerate(names.tolist())}
     wanted = [position.get(name) for name in validation["names"]]
     if any(i is None for i in wanted):
-        from datasets.reviewed import cell_groups, lowest_per_cell
+        from datasets.reviewed import cell_groups
+        from model.preprocess import lowest_per_cell
 
         # one verdict per cell, as the line gets it: a reviewed half cell's two views give the lower
         first, groups = cell_groups(np.asarray(validation["names"]))

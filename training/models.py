@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 
 from datasets.elpv import DatasetError, ElpvCells
-from datasets.reviewed import cell_groups, lowest_per_cell
+from datasets.reviewed import cell_groups
 from model.card import CardError, ModelCard, read_card
+from model.preprocess import lowest_per_cell
 from model.registry import Registry, RegistryError, now_iso
 
 log = logging.getLogger("training.models")

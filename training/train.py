@@ -38,8 +38,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from datasets.elpv import DatasetError, ElpvCells, elpv_root, load_elpv, read_labels, split_indices
-from datasets.reviewed import cell_groups, lowest_per_cell
+from datasets.reviewed import cell_groups
 from model.network import CellClassifier, WeightsError, build_classifier, soft_bce
+from model.preprocess import lowest_per_cell
 from training.augment import CameraAugment, camera_batch, dihedral_batch, jitter_batch
 from training.config import ConfigError, TrainConfig, load_config
 from training.metrics import classification_metrics
@@ -316,13 +317,12 @@ def restore(
             f"{saved['batch_size']} cells; "
             f"the config says {config.epochs} of {config.batch_size}"
         )
-    # the decay shapes every later step of the average, so a resume keeps it exactly
-    if ("training_model" in state) != (average is not None) or saved.get(
-        "ema_decay", 0.0
-    ) != config.ema_decay:
+    # the decay shapes every later step of the average, so a resume keeps it exactly (0: none kept)
+    saved_decay = saved.get("ema_decay", 0.0)
+    if saved_decay != config.ema_decay:
         raise ConfigError(
-            f"cannot resume: {path} was trained with ema_decay {saved.get('ema_decay', 0.0)}; the config "
-            f"says {config.ema_decay} (a weight average is either kept from the start or not at all)"
+            f"cannot resume: {path} was trained with ema_decay {saved_decay}; the config says "
+            f"{config.ema_decay} (a weight average is either kept from the start or not at all)"
         )
     try:
         if average is None:

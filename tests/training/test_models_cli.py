@@ -115,7 +115,8 @@ def test_evaluate_without_the_training_extras_says_what_to_install(
 
 
 def test_a_cells_entries_give_the_lowest_probability_in_first_seen_order() -> None:
-    from training.models import cell_groups, lowest_per_cell
+    from datasets.reviewed import cell_groups
+    from model.preprocess import lowest_per_cell
 
     names = np.array(["c", "a", "a", "b"])  # a reviewed half cell "a" is two entries (its views)
     first, groups = cell_groups(names)
