@@ -114,7 +114,6 @@ def judge_summary(judge: Judge, cells: ElpvCells, truth: np.ndarray) -> dict[str
     cut = np.concatenate(judge.cut) if judge.cut else np.zeros(0, bool)
     defective = cells.probabilities[truth] >= 0.5
     halves = np.concatenate(judge.good_halves_flagged) if judge.good_halves_flagged else np.zeros(0, bool)
-    good_whole = cut[~defective] if cut.size else np.zeros(0, bool)
     return {
         "model": str(judge.folder),
         "threshold": round(judge.threshold, 4),
@@ -127,8 +126,8 @@ def judge_summary(judge: Judge, cells: ElpvCells, truth: np.ndarray) -> dict[str
         "defective_on_original": int(original[truth].sum()),
         # half-cut frames: halves of functional cells judged defective, against functional whole cells
         "good_halves_judged": int(halves.size),
-        "good_halves_flagged": round(float(halves.mean()), 4) if halves.size else None,
-        "good_whole_cells_flagged": round(float(good_whole.mean()), 4) if good_whole.size else None,
+        "good_halves_flagged": share(halves),
+        "good_whole_cells_flagged": share(cut[~defective]),
     }
 
 
