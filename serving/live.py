@@ -422,18 +422,22 @@ class LiveEvents:
             client.resyncs += 1
             self.resyncs += 1
 
+    def _refuse_if_full(self) -> None:
+        open_streams = len(self.clients) + self.reserved
+        if open_streams >= self.settings.sse_max_clients:
+            raise TooManyClientsError(f"{open_streams} live streams are open, the most this replica serves")
+
     def reserve(self) -> Reservation:
         """A place for one more stream, taken when the request is admitted: the stream's body starts
         only after the 200 went out, too late to refuse it, so the limit is checked here."""
-        if len(self.clients) + self.reserved >= self.settings.sse_max_clients:
-            raise TooManyClientsError(f"{len(self.clients) + self.reserved} live streams are open, the limit")
+        self._refuse_if_full()
         self.reserved += 1
         return Reservation(self)
 
     def connect(self, line_id: str | None, reservation: Reservation | None = None) -> Client:
         admitted = reservation is not None and reservation.release()  # its place was counted then
-        if not admitted and len(self.clients) + self.reserved >= self.settings.sse_max_clients:
-            raise TooManyClientsError(f"{len(self.clients)} live streams are open, the limit")
+        if not admitted:
+            self._refuse_if_full()
         client = Client(line_id, asyncio.Queue(maxsize=self.settings.sse_client_queue))
         self.clients.add(client)
         return client

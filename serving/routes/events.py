@@ -31,12 +31,8 @@ async def events(
         raise ApiError(503, "live events are not running")
     try:
         reservation = hub.reserve()
-    except TooManyClientsError:
-        raise ApiError(
-            503,
-            f"{len(hub.clients) + hub.reserved} live streams are open, the most this replica serves",
-            {"Retry-After": "5"},
-        ) from None
+    except TooManyClientsError as exc:
+        raise ApiError(503, str(exc), {"Retry-After": "5"}) from None
     last = _event_id(last_event_id)
     line_id = principal.line_id if principal.role is Role.LINE else None
     key = presented_key(request)
