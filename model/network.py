@@ -167,6 +167,81 @@ def packaged_tensors(path: Path, architecture: str) -> list[torch.Tensor]:
     return [t for k, t in state.items() if not str(k).endswith("num_batches_tracked")]
 
 
+def load_released(model: CellClassifier, onnx_path: Path) -> str:
+    """Start from a released model's FP32 graph instead of ImageNet; returns where the weights came from.
+
+    The export folded each batch norm into the convolution before it, so the graph holds one weight and
+    one bias per convolution. They load here as that convolution's weight and its batch norm's bias, the
+    norm made an identity (scale 1, mean 0, variance 1 - eps): the network computes what the graph does.
+    Training from here must keep the norms' statistics frozen (`set_train_mode(..., frozen_norms=True)`),
+    since batch statistics would undo the fold.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    expected = f"expected a pvqc-cell {model.architecture} FP32 graph (model.onnx of a released model)"
+    try:
+        graph = onnx.load(str(onnx_path)).graph
+    except Exception as exc:  # onnx raises DecodeError, OSError... by how the file is broken
+        raise WeightsError(
+            f"{onnx_path} is not a readable ONNX graph ({type(exc).__name__}); {expected}"
+        ) from exc
+    # copies: torch refuses to share numpy's read-only buffers
+    initialisers = {t.name: numpy_helper.to_array(t).copy() for t in graph.initializer}
+    graph_convs = [node for node in graph.node if node.op_type == "Conv"]
+    modules = list(model.backbone.modules())
+    convs = [m for m in modules if isinstance(m, nn.Conv2d)]
+    norms = [m for m in modules if isinstance(m, nn.BatchNorm2d)]
+    if len(convs) != len(norms) or len(graph_convs) not in (len(convs), len(convs) + 1):
+        raise WeightsError(
+            f"{onnx_path} holds {len(graph_convs)} convolutions, {model.architecture} has {len(convs)}: "
+            f"it does not fit {model.architecture}; {expected}"
+        )
+    head = released_head(graph, initialisers, graph_convs[len(convs) :])
+    if head is None:
+        raise WeightsError(f"{onnx_path} has no one-logit head after its convolutions; {expected}")
+    with torch.no_grad():
+        for node, conv, norm in zip(graph_convs, convs, norms, strict=False):
+            weight, bias = (initialisers.get(name) for name in node.input[1:3])
+            if weight is None or bias is None or weight.shape != tuple(conv.weight.shape):
+                raise WeightsError(
+                    f"{onnx_path}: convolution {node.name} does not fit {model.architecture}; {expected}"
+                )
+            conv.weight.copy_(torch.from_numpy(weight))
+            norm.weight.fill_(1.0)
+            norm.bias.copy_(torch.from_numpy(bias))
+            if norm.running_mean is None or norm.running_var is None:
+                raise WeightsError(f"{model.architecture}'s batch norms keep no statistics; {expected}")
+            norm.running_mean.zero_()
+            norm.running_var.fill_(1.0 - norm.eps)
+        weight, bias = head
+        if weight.size != model.backbone.classifier.weight.numel():
+            raise WeightsError(f"{onnx_path}: its head has {weight.size} weights; {expected}")
+        model.backbone.classifier.weight.copy_(torch.from_numpy(weight.reshape(1, -1)))
+        model.backbone.classifier.bias.copy_(torch.from_numpy(bias.reshape(1)))
+        # the graph's own normalisation: a release collected in half precision rounded it too
+        for name in ("mean", "std"):
+            if initialisers.get(name) is not None and initialisers[name].shape == (1, 3, 1, 1):
+                getattr(model, name).copy_(torch.from_numpy(initialisers[name]))
+    log.info("loaded the released graph %s (batch norms folded, statistics frozen)", onnx_path)
+    return f"the released graph {onnx_path} (batch norms folded into the convolutions)"
+
+
+def released_head(graph: Any, initialisers: dict[str, Any], extra_convs: list[Any]) -> tuple[Any, Any] | None:
+    """The one-logit head's (weight, bias) of an exported graph: a 1x1 convolution after the backbone's
+    (current exports), or an Einsum whose output an Add shifts by the bias (exports before 1.2.1)."""
+    if len(extra_convs) == 1 and all(name in initialisers for name in extra_convs[0].input[1:3]):
+        return initialisers[extra_convs[0].input[1]], initialisers[extra_convs[0].input[2]]
+    einsums = [node for node in graph.node if node.op_type == "Einsum"]
+    if extra_convs or len(einsums) != 1 or einsums[0].input[1] not in initialisers:
+        return None
+    adds = [node for node in graph.node if node.op_type == "Add" and einsums[0].output[0] in node.input]
+    biases = [name for node in adds for name in node.input if name in initialisers]
+    if len(biases) != 1:
+        return None
+    return initialisers[einsums[0].input[1]], initialisers[biases[0]]
+
+
 def build_classifier(
     architecture: str, pretrained: bool = True, drop_rate: float = 0.2
 ) -> tuple[CellClassifier, str]:

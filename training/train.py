@@ -39,7 +39,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from datasets.elpv import DatasetError, ElpvCells, elpv_root, load_elpv, read_labels, split_indices
 from datasets.reviewed import cell_groups
-from model.network import CellClassifier, WeightsError, build_classifier, soft_bce
+from model.network import CellClassifier, WeightsError, build_classifier, load_released, soft_bce
 from model.preprocess import lowest_per_cell
 from training.augment import CameraAugment, camera_batch, dihedral_batch, jitter_batch
 from training.config import ConfigError, TrainConfig, load_config
@@ -209,11 +209,65 @@ def freeze_early(model: CellClassifier, blocks: int) -> None:
             p.requires_grad_(False)
 
 
-def set_train_mode(model: CellClassifier, frozen_blocks: int) -> None:
+def set_train_mode(model: CellClassifier, frozen_blocks: int, frozen_norms: bool = False) -> None:
+    """Training mode but for the frozen blocks, and with `frozen_norms` (a run started from a released
+    graph, whose batch norms are folded) every batch norm, whose batch statistics would undo the fold."""
     model.train()
     if frozen_blocks:
         for module in early_modules(model, frozen_blocks):
             module.eval()
+    if frozen_norms:
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+
+
+def released_graph(folder: str, role: str) -> Path:
+    """The FP32 graph of a released model folder named by the config key `role`; a folder that is no
+    release ends the run with a one-line error."""
+    from model.card import CardError, read_card
+
+    try:
+        path = read_card(Path(folder)).onnx_path(Path(folder), "fp32")
+    except (CardError, OSError) as exc:
+        raise ConfigError(
+            f"{role}: {exc}; expected a released model folder (card.json + model.onnx)"
+        ) from exc
+    if not path.is_file():
+        raise ConfigError(
+            f"{role}: {path} is missing; expected a released model folder (card.json + model.onnx)"
+        )
+    return path
+
+
+def start_weights(config: TrainConfig) -> tuple[CellClassifier, str]:
+    """The network to train and where its weights come from: a released graph (init_from) or ImageNet."""
+    if config.init_from is None:
+        return build_classifier(config.architecture, config.pretrained, config.drop_rate)
+    graph = released_graph(config.init_from, "init_from")
+    from model.card import read_card
+
+    model, _ = build_classifier(config.architecture, pretrained=False, drop_rate=config.drop_rate)
+    loaded = load_released(model, graph)
+    card = read_card(Path(config.init_from))
+    earlier = card.provenance.get("weights", "not recorded")
+    return model, f"fine-tuned from {card.name} {card.version}, {loaded}; its weights: {earlier}"
+
+
+def distilled_targets(config: TrainConfig, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The training targets: the labels, or with a teacher (1 - w) * label + w * the teacher's mean
+    probability over the 8 dihedral views of each clean cell."""
+    if config.teacher is None:
+        return labels
+    from model.onnx_export import onnx_probabilities, onnx_session
+    from model.preprocess import dihedral_view
+
+    session = onnx_session(released_graph(config.teacher, "teacher"), threads=config.threads)
+    views = [onnx_probabilities(session, dihedral_view(images, v)) for v in range(8)]
+    teacher = np.mean(views, axis=0)
+    log.info("teacher %s: mean probability %.4f over %d cells", config.teacher, teacher.mean(), len(images))
+    weight = config.distill_weight
+    return ((1 - weight) * labels + weight * teacher).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -422,7 +476,8 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
         torch.set_num_threads(config.threads)
 
     # the network first: missing ImageNet weights end the run before minutes of data loading
-    model, weights_source = build_classifier(config.architecture, config.pretrained, config.drop_rate)
+    model, weights_source = start_weights(config)
+    frozen_norms = config.init_from is not None
     start_block = config.freeze_blocks
     if start_block:
         freeze_early(model, start_block)
@@ -452,7 +507,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
     # channels-last: about 1.7x faster training on this CPU (oneDNN) and the fast layout on CUDA too
     model.to(device).to(memory_format=torch.channels_last)
 
-    targets = torch.from_numpy(train.probabilities).float()
+    targets = torch.from_numpy(distilled_targets(config, train.images, train.probabilities)).float()
     if config.cache_frozen:
         train_inputs = cache_early_features(model, train.images, start_block, device, 16)
         val_inputs = cache_early_features(model, val.images, start_block, device, 16)
@@ -510,7 +565,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
         # a resumed epoch draws what it drew in an uninterrupted run, and each rank draws its own
         generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch, rank, AUGMENT_STREAM))
         seed_everything(epoch_seed(config.seed, epoch, rank, GLOBAL_STREAM))
-        set_train_mode(model, start_block)
+        set_train_mode(model, start_block, frozen_norms)
         running, seen = 0.0, 0
         batches = range(0, len(order), config.batch_size)
         for start in tqdm(
