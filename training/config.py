@@ -54,11 +54,6 @@ class TrainConfig:
     # active model, hours shorter than a run from ImageNet on a CPU. Its batch norms arrive folded, so their
     # statistics stay frozen for the whole run
     init_from: str | None = None
-    # a released model folder whose mean over the 8 dihedral views of each clean training cell joins the
-    # label as the target, distill_weight of it: a single view learns the averaged views' steadier verdict,
-    # and each augmented cell is asked for what the clean cell showed
-    teacher: str | None = None
-    distill_weight: float = 0.0
     # dihedral views averaged when validating each epoch (8: all; fewer saves time on a CPU)
     validation_views: int = 8
     seed: int = 0
@@ -120,12 +115,6 @@ class TrainConfig:
             (not self.cache_frozen or self.freeze_blocks > 0, "cache_frozen needs freeze_blocks > 0"),
             (1 <= self.validation_views <= 8, "validation_views must be in 1..8"),
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1) (0: no weight average)"),
-            (0 <= self.distill_weight <= 1, "distill_weight must be in [0, 1]"),
-            (
-                (self.teacher is None) == (self.distill_weight == 0),
-                "teacher and distill_weight go together: a teacher needs distill_weight > 0, and "
-                "distill_weight > 0 needs a teacher (a released model folder)",
-            ),
             (0 <= self.jitter < 1, "jitter must be in [0, 1)"),
             (0 <= self.shift < 0.5, "shift must be in [0, 0.5)"),
             (0 <= self.scale < 0.5, "scale must be in [0, 0.5)"),

@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import platform
 import shutil
 import subprocess
@@ -124,7 +125,12 @@ def build_card(
             CAM_OUTPUT: "class activation map: the defect logit at each position of the last feature map",
         },
         operating_points=points,
-        metrics={"validation_best_auc": state["best_auc"], "onnx_parity_max_abs": parity},
+        metrics={
+            # the exported epoch's own figure (last.pt need not hold the run's best) beside the run's best
+            "validation_auc": exported_epoch_auc(history),
+            "validation_best_auc": state["best_auc"],
+            "onnx_parity_max_abs": parity,
+        },
         provenance={
             "weights": state.get("weights_source", "unknown"),
             "training_data": "ELPV (elpv-dataset package), fixed split of DESIGN.md"
@@ -144,6 +150,14 @@ def build_card(
         },
         files={"fp32": FP32_FILE, "int8": INT8_FILE},
     )
+
+
+def exported_epoch_auc(history: list[dict[str, float]]) -> float | None:
+    """The validation AUC of the epoch a checkpoint holds (its history's last row); None where there is
+    none to tell (no rows, or NaN on a validation set of one class)."""
+    if not history or math.isnan(history[-1]["val_auc"]):
+        return None
+    return history[-1]["val_auc"]
 
 
 def write_parity_reference(model: Any, path: Path, cells: np.ndarray) -> Path:

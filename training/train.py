@@ -222,52 +222,26 @@ def set_train_mode(model: CellClassifier, frozen_blocks: int, frozen_norms: bool
                 module.eval()
 
 
-def released_graph(folder: str, role: str) -> Path:
-    """The FP32 graph of a released model folder named by the config key `role`; a folder that is no
-    release ends the run with a one-line error."""
-    from model.card import CardError, read_card
-
-    try:
-        path = read_card(Path(folder)).onnx_path(Path(folder), "fp32")
-    except (CardError, OSError) as exc:
-        raise ConfigError(
-            f"{role}: {exc}; expected a released model folder (card.json + model.onnx)"
-        ) from exc
-    if not path.is_file():
-        raise ConfigError(
-            f"{role}: {path} is missing; expected a released model folder (card.json + model.onnx)"
-        )
-    return path
-
-
 def start_weights(config: TrainConfig) -> tuple[CellClassifier, str]:
-    """The network to train and where its weights come from: a released graph (init_from) or ImageNet."""
+    """The network to train and where its weights come from: ImageNet, or with init_from a released
+    model's FP32 graph (a folder that is no release ends the run with a one-line error)."""
     if config.init_from is None:
         return build_classifier(config.architecture, config.pretrained, config.drop_rate)
-    graph = released_graph(config.init_from, "init_from")
-    from model.card import read_card
+    from model.card import CardError, read_card
 
+    folder = Path(config.init_from)
+    expected = "expected a released model folder (card.json + model.onnx)"
+    try:
+        card = read_card(folder)
+        graph = card.onnx_path(folder, "fp32")
+    except (CardError, OSError) as exc:
+        raise ConfigError(f"init_from: {exc}; {expected}") from exc
+    if not graph.is_file():
+        raise ConfigError(f"init_from: {graph} is missing; {expected}")
     model, _ = build_classifier(config.architecture, pretrained=False, drop_rate=config.drop_rate)
     loaded = load_released(model, graph)
-    card = read_card(Path(config.init_from))
     earlier = card.provenance.get("weights", "not recorded")
     return model, f"fine-tuned from {card.name} {card.version}, {loaded}; its weights: {earlier}"
-
-
-def distilled_targets(config: TrainConfig, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The training targets: the labels, or with a teacher (1 - w) * label + w * the teacher's mean
-    probability over the 8 dihedral views of each clean cell."""
-    if config.teacher is None:
-        return labels
-    from model.onnx_export import onnx_probabilities, onnx_session
-    from model.preprocess import dihedral_view
-
-    session = onnx_session(released_graph(config.teacher, "teacher"), threads=config.threads)
-    views = [onnx_probabilities(session, dihedral_view(images, v)) for v in range(8)]
-    teacher = np.mean(views, axis=0)
-    log.info("teacher %s: mean probability %.4f over %d cells", config.teacher, teacher.mean(), len(images))
-    weight = config.distill_weight
-    return ((1 - weight) * labels + weight * teacher).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -507,7 +481,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
     # channels-last: about 1.7x faster training on this CPU (oneDNN) and the fast layout on CUDA too
     model.to(device).to(memory_format=torch.channels_last)
 
-    targets = torch.from_numpy(distilled_targets(config, train.images, train.probabilities)).float()
+    targets = torch.from_numpy(train.probabilities).float()
     if config.cache_frozen:
         train_inputs = cache_early_features(model, train.images, start_block, device, 16)
         val_inputs = cache_early_features(model, val.images, start_block, device, 16)

@@ -49,11 +49,3 @@ def test_unreadable_config_is_one_line(tmp_path: Path, content: bytes, expected:
     with pytest.raises(ConfigError, match=expected) as caught:
         load_config(path)
     assert "\n" not in str(caught.value)
-
-
-@pytest.mark.parametrize(
-    "values", [{"teacher": "models/pvqc-cell/1.2.2"}, {"distill_weight": 0.5}], ids=["teacher", "weight"]
-)
-def test_a_teacher_and_its_weight_come_together(values: dict[str, object]) -> None:
-    with pytest.raises(ConfigError, match="teacher and distill_weight go together"):
-        config_from_mapping(values)

@@ -144,3 +144,23 @@ def test_release_carries_a_parity_reference_the_registry_accepts(smoke_release: 
     shutil.copytree(smoke_release, registry.root / "0.0.0-test")
     assert registry.promote("0.0.0-test") is None
     assert registry.active() == "0.0.0-test"
+
+
+def test_card_gives_the_exported_epochs_validation_auc_beside_the_runs_best() -> None:
+    from dataclasses import asdict
+
+    from model.card import OperatingPoints
+    from training.config import TrainConfig
+    from training.export import build_card
+
+    # last.pt of a run whose best epoch came earlier
+    state = {
+        "config": asdict(TrainConfig()),
+        "history": [{"val_auc": 0.95, "seconds": 1.0}, {"val_auc": 0.93, "seconds": 1.0}],
+        "best_auc": 0.95,
+    }
+    points = OperatingPoints(threshold=0.5, review_threshold=0.4, threshold_rule="r", review_rule="r")
+    card = build_card(state, "0.0.0-test", points, 0.0)
+    assert card.metrics["validation_auc"] == 0.93 and card.metrics["validation_best_auc"] == 0.95
+    state["history"] = [{"val_auc": float("nan"), "seconds": 1.0}]
+    assert build_card(state, "0.0.0-test", points, 0.0).metrics["validation_auc"] is None

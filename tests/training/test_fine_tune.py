@@ -1,5 +1,5 @@
 """Fine-tuning from a released model: its folded graph loads back exactly, the run keeps batch norms
-frozen, the teacher's targets are view-averaged, and a folder that is no release is refused in one line."""
+frozen, and a folder that is no release is refused in one line."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from model.network import CellClassifier, WeightsError, load_released
 from model.onnx_export import onnx_probabilities, onnx_session
 from tests.training.conftest import tiny_config
 from training.config import ConfigError
-from training.train import distilled_targets, load_checkpoint, main, set_train_mode
+from training.train import load_checkpoint, main, set_train_mode
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +55,7 @@ def test_training_mode_keeps_every_batch_norm_frozen_after_a_fold() -> None:
 def test_fine_tune_from_a_release_moves_the_weights_but_not_the_norms(
     smoke_release: Path, tmp_path: Path
 ) -> None:
-    settings = {"init_from": str(smoke_release), "teacher": str(smoke_release), "distill_weight": 0.5}
-    main(tiny_config(tmp_path, limit_train=8, limit_validation=8, **settings))
+    main(tiny_config(tmp_path, limit_train=8, limit_validation=8, init_from=str(smoke_release)))
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["weights_source"].startswith("fine-tuned from pvqc-cell 0.0.0-test, the released graph")
     weights = state["model"]
@@ -68,24 +67,7 @@ def test_fine_tune_from_a_release_moves_the_weights_but_not_the_norms(
     assert statistics and all(torch.equal(weights[name], before[name]) for name in statistics)
 
 
-def test_teacher_targets_are_the_mean_over_the_eight_views() -> None:
-    cells = random_cells(1, seed=3)
-    turned = np.ascontiguousarray(np.rot90(cells, 1, axes=(1, 2)))
-    images = np.concatenate([cells, turned])
-    config = tiny_config(Path("unused"), teacher=str(SHIPPED_MODEL_DIR), distill_weight=1.0)
-    targets = distilled_targets(config, images, np.zeros(2, dtype=np.float32))
-    # a cell and its quarter turn have the same eight views, so the same target
-    assert abs(targets[0] - targets[1]) <= 1e-6
-    half = tiny_config(Path("unused"), teacher=str(SHIPPED_MODEL_DIR), distill_weight=0.5)
-    labels = np.array([1.0, 0.0], dtype=np.float32)
-    assert np.allclose(distilled_targets(half, images, labels), 0.5 * labels + 0.5 * targets, atol=1e-6)
-
-
-@pytest.mark.parametrize("key", ["init_from", "teacher"])
-def test_a_folder_that_is_no_release_is_refused_in_one_line(key: str, tmp_path: Path) -> None:
-    settings: dict[str, object] = {key: str(tmp_path)}
-    if key == "teacher":
-        settings["distill_weight"] = 0.5
-    with pytest.raises(ConfigError, match=rf"^{key}: .*expected a released model folder") as caught:
-        main(tiny_config(tmp_path / "run", **settings))
+def test_a_folder_that_is_no_release_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^init_from: .*expected a released model folder") as caught:
+        main(tiny_config(tmp_path / "run", init_from=str(tmp_path)))
     assert "\n" not in str(caught.value)
