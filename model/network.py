@@ -202,6 +202,11 @@ def load_released(model: CellClassifier, onnx_path: Path) -> str:
         raise WeightsError(f"{onnx_path} has no one-logit head after its convolutions; {expected}")
     with torch.no_grad():
         for node, conv, norm in zip(graph_convs, convs, norms, strict=False):
+            if len(node.input) < 3:
+                raise WeightsError(
+                    f"{onnx_path}: convolution {node.name} has no bias, so its batch norm was not folded "
+                    f"into it; {expected}"
+                )
             weight, bias = (initialisers.get(name) for name in node.input[1:3])
             if weight is None or bias is None or weight.shape != tuple(conv.weight.shape):
                 raise WeightsError(
@@ -230,10 +235,19 @@ def load_released(model: CellClassifier, onnx_path: Path) -> str:
 def released_head(graph: Any, initialisers: dict[str, Any], extra_convs: list[Any]) -> tuple[Any, Any] | None:
     """The one-logit head's (weight, bias) of an exported graph: a 1x1 convolution after the backbone's
     (current exports), or an Einsum whose output an Add shifts by the bias (exports before 1.2.1)."""
-    if len(extra_convs) == 1 and all(name in initialisers for name in extra_convs[0].input[1:3]):
+    if (
+        len(extra_convs) == 1
+        and len(extra_convs[0].input) == 3
+        and all(name in initialisers for name in extra_convs[0].input[1:3])
+    ):
         return initialisers[extra_convs[0].input[1]], initialisers[extra_convs[0].input[2]]
     einsums = [node for node in graph.node if node.op_type == "Einsum"]
-    if extra_convs or len(einsums) != 1 or einsums[0].input[1] not in initialisers:
+    if (
+        extra_convs
+        or len(einsums) != 1
+        or len(einsums[0].input) != 2
+        or einsums[0].input[1] not in initialisers
+    ):
         return None
     adds = [node for node in graph.node if node.op_type == "Add" and einsums[0].output[0] in node.input]
     biases = [name for node in adds for name in node.input if name in initialisers]

@@ -133,6 +133,8 @@ def build_card(
         },
         provenance={
             "weights": state.get("weights_source", "unknown"),
+            # a fine-tune of a release (init_from): which one, and what it had learned from
+            "started_from": state.get("started_from"),
             "training_data": "ELPV (elpv-dataset package), fixed split of DESIGN.md"
             + (" + reviewed modules (pvqc export-reviewed)" if config.get("reviewed_sets") else ""),
             "reviewed_sets": state.get("reviewed_sets")

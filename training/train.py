@@ -39,8 +39,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from datasets.elpv import DatasetError, ElpvCells, elpv_root, load_elpv, read_labels, split_indices
 from datasets.reviewed import cell_groups
+from model.card import ModelCard
 from model.network import CellClassifier, WeightsError, build_classifier, load_released, soft_bce
 from model.preprocess import lowest_per_cell
+from model.registry import file_sha256
 from training.augment import CameraAugment, camera_batch, dihedral_batch, jitter_batch
 from training.config import ConfigError, TrainConfig, load_config
 from training.metrics import classification_metrics
@@ -200,7 +202,7 @@ def early_modules(model: CellClassifier, blocks: int) -> list[nn.Module]:
 
 
 def freeze_early(model: CellClassifier, blocks: int) -> None:
-    """Keep stem and blocks[:blocks] at their ImageNet weights (and their batch-norm statistics)."""
+    """Keep stem and blocks[:blocks] at their starting weights (and their batch-norm statistics)."""
     if blocks > model.num_blocks:
         raise ConfigError(f"freeze_blocks={blocks} but {model.architecture} has {model.num_blocks} blocks")
     for module in early_modules(model, blocks):
@@ -222,14 +224,40 @@ def set_train_mode(model: CellClassifier, frozen_blocks: int, frozen_norms: bool
                 module.eval()
 
 
-def start_weights(config: TrainConfig) -> tuple[CellClassifier, str]:
-    """The network to train and where its weights come from: ImageNet, or with init_from a released
-    model's FP32 graph (a folder that is no release ends the run with a one-line error)."""
+def start_weights(config: TrainConfig) -> tuple[CellClassifier, str, dict[str, Any] | None]:
+    """The network to train, where its weights come from, and for a run from a release (init_from)
+    what the card records of it: version, the graph's sha256 and what that release learned from."""
     if config.init_from is None:
-        return build_classifier(config.architecture, config.pretrained, config.drop_rate)
+        model, source = build_classifier(config.architecture, config.pretrained, config.drop_rate)
+        return model, source, None
+    folder = Path(config.init_from)
+    card, graph = release_to_start_from(folder, config.architecture)
+    model, _ = build_classifier(config.architecture, pretrained=False, drop_rate=config.drop_rate)
+    loaded = load_released(model, graph)
+    earlier = card.provenance.get("weights", "not recorded")
+    started_from = {
+        "name": card.name,
+        "version": card.version,
+        "folder": str(folder),
+        "sha256": file_sha256(graph),
+        "weights": earlier,
+        "training_data": card.provenance.get("training_data"),
+        "reviewed_sets": card.provenance.get("reviewed_sets", []),
+        "started_from": card.provenance.get("started_from"),
+    }
+    return (
+        model,
+        f"fine-tuned from {card.name} {card.version}, {loaded}; its weights: {earlier}",
+        started_from,
+    )
+
+
+def release_to_start_from(folder: Path, architecture: str) -> tuple[ModelCard, Path]:
+    """The card and FP32 graph of the release init_from names, checked: a folder that is no release, a
+    network of another architecture, or a graph that is not the file its card records is refused in
+    one line."""
     from model.card import CardError, read_card
 
-    folder = Path(config.init_from)
     expected = "expected a released model folder (card.json + model.onnx)"
     try:
         card = read_card(folder)
@@ -238,10 +266,14 @@ def start_weights(config: TrainConfig) -> tuple[CellClassifier, str]:
         raise ConfigError(f"init_from: {exc}; {expected}") from exc
     if not graph.is_file():
         raise ConfigError(f"init_from: {graph} is missing; {expected}")
-    model, _ = build_classifier(config.architecture, pretrained=False, drop_rate=config.drop_rate)
-    loaded = load_released(model, graph)
-    earlier = card.provenance.get("weights", "not recorded")
-    return model, f"fine-tuned from {card.name} {card.version}, {loaded}; its weights: {earlier}"
+    if card.architecture != architecture:
+        raise ConfigError(
+            f"init_from: {folder} holds a {card.architecture} network; the config says {architecture}"
+        )
+    recorded = card.provenance.get("sha256")
+    if isinstance(recorded, dict) and graph.name in recorded and file_sha256(graph) != recorded[graph.name]:
+        raise ConfigError(f"init_from: {graph} does not match the sha256 its card records")
+    return card, graph
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -344,6 +376,13 @@ def restore(
             f"cannot resume: {path} was scheduled for {saved['epochs']} epochs of "
             f"{saved['batch_size']} cells; "
             f"the config says {config.epochs} of {config.batch_size}"
+        )
+    # a run from a release keeps its batch norms frozen; resumed from elsewhere they would train
+    saved_start = saved.get("init_from")
+    if saved_start != config.init_from:
+        raise ConfigError(
+            f"cannot resume: {path} started from {saved_start or 'ImageNet'}; the config says "
+            f"init_from {config.init_from or 'null (ImageNet)'}"
         )
     # the decay shapes every later step of the average, so a resume keeps it exactly (0: none kept)
     saved_decay = saved.get("ema_decay", 0.0)
@@ -450,7 +489,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
         torch.set_num_threads(config.threads)
 
     # the network first: missing ImageNet weights end the run before minutes of data loading
-    model, weights_source = start_weights(config)
+    model, weights_source, started_from = start_weights(config)
     frozen_norms = config.init_from is not None
     start_block = config.freeze_blocks
     if start_block:
@@ -608,6 +647,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
                 "best_auc": best_auc,
                 "history": history,
                 "weights_source": weights_source,
+                "started_from": started_from,
                 "training_hardware": hardware,
                 "world_size": world,
                 "reviewed_sets": reviewed_sources,
