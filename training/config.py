@@ -188,5 +188,6 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> T
             raise ConfigError(f"{path} is not valid {kind} text: {' '.join(str(exc).split())}") from exc
         if not isinstance(values, dict):
             raise ConfigError(f"expected {path} to hold a mapping of config keys")
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    # an override of null is kept: `--set init_from=null` or `limit_train=null` means none
+    values.update(overrides or {})
     return config_from_mapping(values)

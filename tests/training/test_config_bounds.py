@@ -118,3 +118,11 @@ def test_stop_after_below_one_is_refused(capsys: pytest.CaptureFixture[str]) -> 
         cli(["--stop-after", "0"])
     assert caught.value.code == 2
     assert "--stop-after expects a number of epochs >= 1, got 0" in capsys.readouterr().err
+
+
+def test_set_null_clears_what_the_file_sets(tmp_path: Path) -> None:
+    # the fine-tune config starts from a release; `--set init_from=null` must take it back to ImageNet
+    path = tmp_path / "run.yaml"
+    path.write_text("init_from: models/pvqc-cell/1.2.2\nlimit_train: 8\n")
+    config = load_config(path, parse_overrides(["init_from=null", "limit_train=null"]))
+    assert config.init_from is None and config.limit_train is None
