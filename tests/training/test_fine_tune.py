@@ -82,6 +82,16 @@ def test_fine_tune_from_a_release_moves_the_weights_but_not_the_norms(
     assert started["version"] == "0.0.0-test" and len(started["sha256"]) == 64
 
 
+def test_a_fine_tune_resumes_with_its_norms_still_frozen(smoke_release: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, epochs=2, limit_train=4, limit_validation=8, init_from=str(smoke_release))
+    main(config, stop_after=1)
+    main(config, resume=tmp_path / "last.pt")
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert [row["epoch"] for row in state["history"]] == [1, 2]
+    variances = [t for name, t in state["model"].items() if name.endswith("running_var")]
+    assert variances and all(torch.equal(t, torch.full_like(t, 1 - 1e-5)) for t in variances)
+
+
 def test_a_resume_must_start_from_the_same_place(
     smoke_run: Path, smoke_release: Path, tmp_path: Path
 ) -> None:
