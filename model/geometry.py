@@ -1095,10 +1095,11 @@ def outline_sides(polygon: np.ndarray) -> tuple[float, float]:
 def cell_views(grey: np.ndarray, polygon: np.ndarray, cell_size: int) -> np.ndarray:
     """(V, cell_size, cell_size) uint8: what the model judges of the cell inside `polygon`.
 
-    A whole cell is one view (`resample_cell`). A half cell of a half-cut module is resampled keeping
-    its proportions and judged as two mirrored squares (model.preprocess.half_cell_views): stretched to
-    a square it would look defective to a network that learned whole cells. Serving, the shadow model,
-    the heat map and the reviewed-cell export all cut through here, so they see the same pixels.
+    A whole cell is one view (`resample_quad` to a square). A half cell of a half-cut module is
+    resampled keeping its proportions and judged as two mirrored squares
+    (model.preprocess.half_cell_views): stretched to a square it would look defective to a network that
+    learned whole cells. Serving, the shadow model, the heat map and the reviewed-cell export all cut
+    through `cell_picture`, so they see the same pixels.
     """
     return picture_views(cell_picture(grey, polygon, cell_size), cell_size)
 
@@ -1108,7 +1109,7 @@ def cell_picture(grey: np.ndarray, polygon: np.ndarray, cell_size: int) -> np.nd
     cell_size x cell_size, a half cell model.preprocess.half_cell_shape (what the export stores)."""
     width, height = outline_sides(polygon)
     if not is_half_cell(width, height):
-        return resample_cell(grey, polygon, cell_size)
+        return resample_quad(grey, polygon, cell_size, cell_size)
     rows, cols = half_cell_shape(width, height, cell_size)
     return resample_quad(grey, polygon, cols, rows)
 
@@ -1133,11 +1134,6 @@ def resample_quad(grey: np.ndarray, polygon: np.ndarray, width: int, height: int
     return resize_to(cell, height, width)
 
 
-def resample_cell(grey: np.ndarray, polygon: np.ndarray, cell_size: int) -> np.ndarray:
-    """The quadrilateral `polygon` of `grey` as a cell_size x cell_size image (`resample_quad`)."""
-    return resample_quad(grey, polygon, cell_size, cell_size)
-
-
 def stored_cell_picture(
     grey: np.ndarray, polygon: np.ndarray | list[list[float]], cell_size: int, whole_frame: bool
 ) -> np.ndarray:
@@ -1147,3 +1143,11 @@ def stored_cell_picture(
     if whole_frame:
         return image_picture(grey, cell_size)
     return cell_picture(grey, np.asarray(polygon, dtype=np.float32), cell_size)
+
+
+def stored_cell_views(
+    grey: np.ndarray, polygon: np.ndarray | list[list[float]], cell_size: int, whole_frame: bool
+) -> np.ndarray:
+    """(V, cell_size, cell_size): what the model judged of a stored cell (`stored_cell_picture`'s
+    views), for the shadow model and the heat map."""
+    return picture_views(stored_cell_picture(grey, polygon, cell_size, whole_frame), cell_size)

@@ -62,11 +62,9 @@ def cut_for(
     shadow: ModelRuntime, grey: np.ndarray, polygons: list[Any], whole_frame: bool
 ) -> list[np.ndarray]:
     """Each cell's views at the shadow's input size, cut again from the frame as the pipeline cut them."""
-    from model.geometry import stored_cell_picture
-    from model.preprocess import picture_views
+    from model.geometry import stored_cell_views
 
-    size = shadow.size
-    return [picture_views(stored_cell_picture(grey, p, size, whole_frame), size) for p in polygons]
+    return [stored_cell_views(grey, p, shadow.size, whole_frame) for p in polygons]
 
 
 async def score_in_shadow(

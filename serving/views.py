@@ -4,7 +4,7 @@ Owns: a JPEG preview of a stored frame (browsers show no TIFF and no 16-bit PNG,
 is far larger than a screen needs), made once per frame and width and kept on disk beside the
 frames, one at a time per replica (fifty screens asking for the same new thumbnail cost one
 decode, and previews never take more than one core from the line); and a cell's heat map: the
-cell is cut again from the stored frame as the pipeline cut it (`model.geometry.stored_cell_picture`)
+cell is cut again from the stored frame as the pipeline cut it (`model.geometry.stored_cell_views`)
 and run through the micro-batcher, whose `cam` output is the class activation map (defect logit per
 position of the last feature map); a half cell shows the mirrored view that decided its probability
 (the lower); a full batcher queue answers
@@ -95,11 +95,10 @@ def preview_jpeg(grey: np.ndarray, width: int) -> bytes:
 
 def _cell_views(services: Services, row: Inspection, polygon: list[list[float]], size: int) -> np.ndarray:
     """The cell's views as the pipeline made them, cut again from the stored frame."""
-    from model.geometry import stored_cell_picture  # imported here: geometry pulls in more than the rest
-    from model.preprocess import picture_views
+    from model.geometry import stored_cell_views  # imported here: geometry pulls in more than the rest
 
     whole_frame = row.kind == InspectionKind.CELL.value
-    return picture_views(stored_cell_picture(load_grey(services, row), polygon, size, whole_frame), size)
+    return stored_cell_views(load_grey(services, row), polygon, size, whole_frame)
 
 
 async def cell_heatmap(services: Services, row: Inspection, cell_row: int, cell_col: int) -> dict[str, Any]:

@@ -231,31 +231,27 @@ def start_weights(config: TrainConfig) -> tuple[CellClassifier, str, dict[str, A
         model, source = build_classifier(config.architecture, config.pretrained, config.drop_rate)
         return model, source, None
     folder = Path(config.init_from)
-    card, graph = release_to_start_from(folder, config.architecture)
+    card, graph, digest = release_to_start_from(folder, config.architecture)
     model, _ = build_classifier(config.architecture, pretrained=False, drop_rate=config.drop_rate)
     loaded = load_released(model, graph)
-    earlier = card.provenance.get("weights", "not recorded")
     started_from = {
         "name": card.name,
         "version": card.version,
         "folder": str(folder),
-        "sha256": file_sha256(graph),
-        "weights": earlier,
+        "sha256": digest,
+        "weights": card.provenance.get("weights", "not recorded"),
         "training_data": card.provenance.get("training_data"),
         "reviewed_sets": card.provenance.get("reviewed_sets", []),
         "started_from": card.provenance.get("started_from"),
     }
-    return (
-        model,
-        f"fine-tuned from {card.name} {card.version}, {loaded}; its weights: {earlier}",
-        started_from,
-    )
+    # what that release learned from is in started_from, which the card keeps beside this line
+    return model, f"fine-tuned from {card.name} {card.version}, {loaded}", started_from
 
 
-def release_to_start_from(folder: Path, architecture: str) -> tuple[ModelCard, Path]:
-    """The card and FP32 graph of the release init_from names, checked: a folder that is no release, a
-    network of another architecture, or a graph that is not the file its card records is refused in
-    one line."""
+def release_to_start_from(folder: Path, architecture: str) -> tuple[ModelCard, Path, str]:
+    """The card, FP32 graph and the graph's sha256 of the release init_from names, checked: a folder
+    that is no release, a network of another architecture, or a graph that is not the file its card
+    records is refused in one line."""
     from model.card import CardError, read_card
 
     expected = "expected a released model folder (card.json + model.onnx)"
@@ -271,9 +267,10 @@ def release_to_start_from(folder: Path, architecture: str) -> tuple[ModelCard, P
             f"init_from: {folder} holds a {card.architecture} network; the config says {architecture}"
         )
     recorded = card.provenance.get("sha256")
-    if isinstance(recorded, dict) and graph.name in recorded and file_sha256(graph) != recorded[graph.name]:
+    digest = file_sha256(graph)
+    if isinstance(recorded, dict) and recorded.get(graph.name, digest) != digest:
         raise ConfigError(f"init_from: {graph} does not match the sha256 its card records")
-    return card, graph
+    return card, graph, digest
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
