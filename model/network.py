@@ -271,3 +271,20 @@ def probabilities(model: CellClassifier, grey: torch.Tensor) -> torch.Tensor:
 def soft_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy against the soft ELPV probabilities (0, 1/3, 2/3, 1)."""
     return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+def bernoulli_js(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Mean Jensen-Shannon divergence (nats) between the defect verdicts of two copies of each cell.
+
+    Bounded (at most ln 2) and largest where the two verdicts straddle 0.5, so a training term built on
+    it works on the borderline cells whose verdict a camera's noise would flip, not on confident ones.
+    """
+    p = torch.sigmoid(torch.stack([logits_a, logits_b]))
+    mixture = p.mean(dim=0)
+    # near-certain verdicts round to a hair below zero in float32; the divergence itself never is
+    return (bernoulli_entropy(mixture) - bernoulli_entropy(p).mean(dim=0)).clamp_min(0).mean()
+
+
+def bernoulli_entropy(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-7, 1 - 1e-7)
+    return -(p * torch.log(p) + (1 - p) * torch.log1p(-p))

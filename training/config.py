@@ -43,6 +43,12 @@ class TrainConfig:
     resample_min: float = 1.0
     shading: float = 0.0
     noise_sigma: float = 0.0
+    # weight of a consistency term (0: off): each cell is also seen as the camera and the cutter deliver it
+    # (its own brightness/contrast and camera-like draws), and the Jensen-Shannon divergence between the
+    # verdicts on the two copies is added to the loss. Augmentation alone teaches the verdict to be right on
+    # average; this teaches it not to move, which is what a borderline cell cut from a noisy frame needs.
+    # It costs a second forward pass per cell
+    consistency: float = 0.0
     # stem + blocks[:freeze_blocks] keep their ImageNet weights; with cache_frozen their outputs for the
     # 8 dihedral views are computed once, which makes a CPU run several times faster
     freeze_blocks: int = 0
@@ -113,6 +119,13 @@ class TrainConfig:
             ),
             (self.freeze_blocks >= 0, "freeze_blocks must be >= 0"),
             (not self.cache_frozen or self.freeze_blocks > 0, "cache_frozen needs freeze_blocks > 0"),
+            (0 <= self.consistency < math.inf, "consistency must be a number >= 0 (0: off)"),
+            (
+                not self.consistency or self.camera_augmentation,
+                "consistency needs camera-like augmentation (shift, scale, rotate_degrees, resample_min, "
+                "shading or noise_sigma): it compares a cell with its camera-augmented copy",
+            ),
+            (not self.consistency or not self.cache_frozen, "consistency cannot use cache_frozen inputs"),
             (1 <= self.validation_views <= 8, "validation_views must be in 1..8"),
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1) (0: no weight average)"),
             (0 <= self.jitter < 1, "jitter must be in [0, 1)"),

@@ -40,7 +40,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from datasets.elpv import DatasetError, ElpvCells, elpv_root, load_elpv, read_labels, split_indices
 from datasets.reviewed import cell_groups
 from model.card import ModelCard
-from model.network import CellClassifier, WeightsError, build_classifier, load_released, soft_bce
+from model.network import (
+    CellClassifier,
+    WeightsError,
+    bernoulli_js,
+    build_classifier,
+    load_released,
+    soft_bce,
+)
 from model.preprocess import lowest_per_cell
 from model.registry import file_sha256
 from training.augment import CameraAugment, camera_batch, dihedral_batch, jitter_batch
@@ -586,14 +593,16 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
             if config.cache_frozen:
                 x = train_inputs[views, index].to(device)
             else:
-                grey = train_inputs[index.to(device)].float()
-                x = jitter_batch(dihedral_batch(grey, views.to(device)), config.jitter, generator)
+                grey = dihedral_batch(train_inputs[index.to(device)].float(), views.to(device))
+                x = jitter_batch(grey, config.jitter, generator)
                 if camera.enabled:
                     x = camera_batch(x, camera, generator)
+                if config.consistency:
+                    x = torch.cat([grey, x])  # each cell as stored, then as a camera delivers it
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = wrapped(x).float()
-            loss = soft_bce(logits, targets[index].to(device))
+            loss = training_loss(logits, targets[index].to(device), config.consistency)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -667,6 +676,15 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
         dist.barrier()
         dist.destroy_process_group()
     return {"out_dir": str(out), "best_val_auc": best_auc, "epochs": len(history)}
+
+
+def training_loss(logits: torch.Tensor, targets: torch.Tensor, consistency: float) -> torch.Tensor:
+    """Soft BCE against the labels; with a consistency weight the batch holds each cell twice (as stored,
+    then camera-augmented) and the divergence between the two verdicts is added."""
+    if not consistency:
+        return soft_bce(logits, targets)
+    stored, camera = logits.chunk(2)
+    return soft_bce(logits, targets.repeat(2)) + consistency * bernoulli_js(stored, camera)
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:
