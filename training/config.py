@@ -56,9 +56,10 @@ class TrainConfig:
     # weights averaged over the training steps with this decay per step (0: off); validation, best.pt and
     # so the export use the average, which smooths the last epochs' noise on a small data set
     ema_decay: float = 0.0
-    # a released model folder (card.json + model.onnx) to start from instead of ImageNet: a fine-tune of the
-    # active model, hours shorter than a run from ImageNet on a CPU. Its batch norms arrive folded, so their
-    # statistics stay frozen for the whole run
+    # a released model folder (card.json + model.onnx) to start from instead of ImageNet, or a registry folder
+    # (models/pvqc-cell: its active version when the run starts): a fine-tune of the active model, hours
+    # shorter than a run from ImageNet on a CPU. Its batch norms arrive folded, so their statistics stay
+    # frozen for the whole run
     init_from: str | None = None
     # dihedral views averaged when validating each epoch (8: all; fewer saves time on a CPU)
     validation_views: int = 8

@@ -237,7 +237,8 @@ def start_weights(config: TrainConfig) -> tuple[CellClassifier, str, dict[str, A
     if config.init_from is None:
         model, source = build_classifier(config.architecture, config.pretrained, config.drop_rate)
         return model, source, None
-    folder = Path(config.init_from)
+    named = Path(config.init_from)
+    folder = release_folder(named)
     card, graph, digest = release_to_start_from(folder, config.architecture)
     model, _ = build_classifier(config.architecture, pretrained=False, drop_rate=config.drop_rate)
     loaded = load_released(model, graph)
@@ -245,6 +246,7 @@ def start_weights(config: TrainConfig) -> tuple[CellClassifier, str, dict[str, A
         "name": card.name,
         "version": card.version,
         "folder": str(folder),
+        "registry": str(named) if folder != named else None,
         "sha256": digest,
         "weights": card.provenance.get("weights", "not recorded"),
         "training_data": card.provenance.get("training_data"),
@@ -253,6 +255,27 @@ def start_weights(config: TrainConfig) -> tuple[CellClassifier, str, dict[str, A
     }
     # what that release learned from is in started_from, which the card keeps beside this line
     return model, f"fine-tuned from {card.name} {card.version}, {loaded}", started_from
+
+
+def release_folder(named: Path) -> Path:
+    """The release folder init_from names: itself, or for a model registry folder (one holding
+    registry.json, e.g. models/pvqc-cell) its active version, so a fine-tune config need not be edited
+    after every promotion."""
+    from model.registry import REGISTRY_FILE, Registry, RegistryError
+
+    if not (named / REGISTRY_FILE).is_file():
+        return named
+    registry = Registry(named)
+    try:
+        active = registry.active()
+        if active is None:
+            raise ConfigError(
+                f"init_from: the registry {named} has no active version; expected a registry with one, "
+                "or a released model folder (card.json + model.onnx)"
+            )
+        return registry.folder(active)
+    except RegistryError as exc:
+        raise ConfigError(f"init_from: {exc}") from exc
 
 
 def release_to_start_from(folder: Path, architecture: str) -> tuple[ModelCard, Path, str]:
@@ -354,10 +377,12 @@ def restore(
     scheduler: torch.optim.lr_scheduler.OneCycleLR,
     world: int = 1,
     average: AveragedModel | None = None,
+    started_from: dict[str, Any] | None = None,
 ) -> tuple[int, float, list[dict[str, float]], str | None]:
     """Load a last.pt into a run built from the same config; returns (next epoch, best AUC, history,
     the hardware it was trained on so far). With `average` (ema_decay), the checkpoint's "model" is the
-    average and its "training_model" the weights the optimizer moves."""
+    average and its "training_model" the weights the optimizer moves. `started_from` is the release
+    init_from gives now (start_weights; None from ImageNet): it must be the one the run started from."""
     state = load_checkpoint(path)
     saved = state["config"]
     if "optimizer" not in state or "scheduler" not in state:
@@ -389,6 +414,15 @@ def restore(
             f"init_from {config.init_from or 'null (ImageNet)'}"
         )
     # the decay shapes every later step of the average, so a resume keeps it exactly (0: none kept)
+    # a registry's active version may have changed since the run started: the weights resumed on top of
+    # it would be recorded as a fine-tune of a release they never started from
+    saved_release, release = state.get("started_from") or {}, started_from or {}
+    if saved_release.get("sha256") != release.get("sha256"):
+        raise ConfigError(
+            f"cannot resume: {path} started from {saved_release.get('name')} {saved_release.get('version')} "
+            f"({saved_release.get('folder')}); init_from {config.init_from} now gives "
+            f"{release.get('name')} {release.get('version')}: set init_from to the folder it started from"
+        )
     saved_decay = saved.get("ema_decay", 0.0)
     if saved_decay != config.ema_decay:
         raise ConfigError(
@@ -561,7 +595,7 @@ def main(config: TrainConfig, resume: Path | None = None, stop_after: int | None
     earlier_hardware = None
     if resume is not None:
         first_epoch, best_auc, history, earlier_hardware = restore(
-            resume, config, model, optimizer, scheduler, world, average
+            resume, config, model, optimizer, scheduler, world, average, started_from
         )
     hardware = training_hardware(device, world, earlier_hardware)
 

@@ -114,3 +114,45 @@ def test_a_folder_that_is_no_release_is_refused_in_one_line(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=r"^init_from: .*expected a released model folder") as caught:
         main(tiny_config(tmp_path / "run", init_from=str(tmp_path)))
     assert "\n" not in str(caught.value)
+
+
+def registry_of(release: Path, root: Path, version: str = "0.0.0-test") -> Path:
+    """A model registry holding a copy of `release` as its active version."""
+    import shutil
+
+    from model.registry import Registry
+
+    shutil.copytree(release, root / version)
+    Registry(root).promote(version, note="test registry")
+    return root
+
+
+def test_a_registry_folder_starts_from_its_active_version(smoke_release: Path, tmp_path: Path) -> None:
+    root = registry_of(smoke_release, tmp_path / "registry")
+    main(tiny_config(tmp_path / "run", limit_train=4, limit_validation=8, init_from=str(root)))
+    started = load_checkpoint(tmp_path / "run" / "last.pt")["started_from"]
+    assert started["folder"] == str(root / "0.0.0-test") and started["registry"] == str(root)
+    assert started["version"] == "0.0.0-test"
+
+
+def test_a_registry_without_an_active_version_is_refused_in_one_line(tmp_path: Path) -> None:
+    root = tmp_path / "registry"
+    root.mkdir()
+    (root / "registry.json").write_text('{"active": null, "shadow": null, "versions": {}, "history": []}')
+    with pytest.raises(ConfigError, match=r"^init_from: the registry .* has no active version") as caught:
+        main(tiny_config(tmp_path / "run", init_from=str(root)))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_resume_after_the_active_version_changed_is_refused(smoke_release: Path, tmp_path: Path) -> None:
+    root = registry_of(smoke_release, tmp_path / "registry")
+    config = tiny_config(tmp_path / "run", epochs=2, limit_train=4, limit_validation=8, init_from=str(root))
+    main(config, stop_after=1)
+    # as if another version had been promoted since: the checkpoint names a graph init_from no longer gives
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    state["started_from"] = {**state["started_from"], "version": "0.0.0-before", "sha256": "0" * 64}
+    torch.save(state, tmp_path / "run" / "last.pt")
+    with pytest.raises(
+        ConfigError, match=r"started from pvqc-cell 0.0.0-before .* now gives pvqc-cell 0.0.0-test"
+    ):
+        main(config, resume=tmp_path / "run" / "last.pt")
