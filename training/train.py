@@ -274,7 +274,7 @@ def release_folder(named: Path) -> Path:
                 "or a released model folder (card.json + model.onnx)"
             )
         return registry.folder(active)
-    except RegistryError as exc:
+    except (RegistryError, OSError) as exc:
         raise ConfigError(f"init_from: {exc}") from exc
 
 
@@ -406,23 +406,16 @@ def restore(
             f"{saved['batch_size']} cells; "
             f"the config says {config.epochs} of {config.batch_size}"
         )
-    # a run from a release keeps its batch norms frozen; resumed from elsewhere they would train
-    saved_start = saved.get("init_from")
-    if saved_start != config.init_from:
+    refuse_other_start(path, config, saved.get("init_from"), state.get("started_from"), started_from)
+    # the weight of the consistency term is part of the loss every step minimised; changed halfway, the
+    # run would be neither the one it started as nor the one the config describes
+    saved_consistency = saved.get("consistency", 0.0)
+    if saved_consistency != config.consistency:
         raise ConfigError(
-            f"cannot resume: {path} started from {saved_start or 'ImageNet'}; the config says "
-            f"init_from {config.init_from or 'null (ImageNet)'}"
+            f"cannot resume: {path} was trained with consistency {saved_consistency}; the config says "
+            f"{config.consistency}"
         )
     # the decay shapes every later step of the average, so a resume keeps it exactly (0: none kept)
-    # a registry's active version may have changed since the run started: the weights resumed on top of
-    # it would be recorded as a fine-tune of a release they never started from
-    saved_release, release = state.get("started_from") or {}, started_from or {}
-    if saved_release.get("sha256") != release.get("sha256"):
-        raise ConfigError(
-            f"cannot resume: {path} started from {saved_release.get('name')} {saved_release.get('version')} "
-            f"({saved_release.get('folder')}); init_from {config.init_from} now gives "
-            f"{release.get('name')} {release.get('version')}: set init_from to the folder it started from"
-        )
     saved_decay = saved.get("ema_decay", 0.0)
     if saved_decay != config.ema_decay:
         raise ConfigError(
@@ -448,6 +441,42 @@ def restore(
     scheduler.load_state_dict(state["scheduler"])
     log.info("resumed from %s after epoch %d", path, state["epoch"] + 1)
     return state["epoch"] + 1, state["best_auc"], state["history"], state.get("training_hardware")
+
+
+def refuse_other_start(
+    path: Path,
+    config: TrainConfig,
+    saved_start: str | None,
+    saved_release: dict[str, Any] | None,
+    release: dict[str, Any] | None,
+) -> None:
+    """ConfigError unless the resumed run starts where the checkpoint did: from ImageNet both, or from
+    the same release graph (by sha256), whether init_from names its folder or a registry whose active
+    version it was."""
+    # a run from a release keeps its batch norms frozen; resumed from elsewhere they would train
+    if (saved_start is None) != (config.init_from is None):
+        raise ConfigError(
+            f"cannot resume: {path} started from {saved_start or 'ImageNet'}; the config says "
+            f"init_from {config.init_from or 'null (ImageNet)'}"
+        )
+    if config.init_from is None:
+        return
+    if saved_release is None:  # a checkpoint from before runs recorded their release: its init_from
+        if saved_start != config.init_from:
+            raise ConfigError(
+                f"cannot resume: {path} started from {saved_start}; "
+                f"the config says init_from {config.init_from}"
+            )
+        return
+    # a registry's active version may have changed since the run started: the weights resumed on top of
+    # another release would be recorded as a fine-tune of a release they never started from
+    if release is None or saved_release.get("sha256") != release.get("sha256"):
+        now = f"{release['name']} {release['version']}" if release else "no release"
+        raise ConfigError(
+            f"cannot resume: {path} started from {saved_release.get('name')} {saved_release.get('version')} "
+            f"({saved_release.get('folder')}); init_from {config.init_from} now gives {now}: set init_from "
+            f"to {saved_release.get('folder')}"
+        )
 
 
 def training_hardware(device: torch.device, world: int, earlier: str | None = None) -> str:

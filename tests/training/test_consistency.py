@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -38,6 +39,19 @@ def test_divergence_weighs_verdicts_that_straddle_the_middle_over_confident_ones
 def test_loss_without_consistency_is_the_plain_soft_bce() -> None:
     scores, targets = torch.tensor([0.3, -1.2, 2.0]), torch.tensor([1.0, 0.0, 2 / 3])
     assert torch.equal(training_loss(scores, targets, 0.0), soft_bce(scores, targets))
+
+
+def test_loss_with_consistency_scores_both_copies_against_their_own_cells_label() -> None:
+    # batch order: every cell as stored, then every cell as the camera delivers it
+    stored, camera = torch.tensor([-0.4, 0.2, 3.0]), torch.tensor([0.6, -0.9, 2.5])
+    targets = torch.tensor([0.0, 2 / 3, 1.0])
+    pairs = [(stored[i], targets[i]) for i in range(3)] + [(camera[i], targets[i]) for i in range(3)]
+    bce = sum(float(F.binary_cross_entropy_with_logits(z, t)) for z, t in pairs) / len(pairs)
+    divergences = [float(bernoulli_js(stored[i : i + 1], camera[i : i + 1])) for i in range(3)]
+    expected = bce + 10.0 * sum(divergences) / 3
+    assert training_loss(torch.cat([stored, camera]), targets, 10.0).item() == pytest.approx(
+        expected, rel=1e-6
+    )
 
 
 def test_loss_with_consistency_pulls_the_two_copies_together() -> None:
@@ -82,3 +96,13 @@ def test_a_run_with_consistency_trains_on_both_copies(tmp_path: Path) -> None:
         history = list(csv.DictReader(rows))
     assert len(history) == 1 and math.isfinite(float(history[0]["train_loss"]))
     assert (tmp_path / "best.pt").is_file()
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_consistency_weight_is_refused(tmp_path: Path) -> None:
+    from training.train import main
+
+    settings = {"noise_sigma": 6.0, "epochs": 2, "limit_train": 4, "limit_validation": 4}
+    main(tiny_config(tmp_path, consistency=10.0, **settings), stop_after=1)
+    with pytest.raises(ConfigError, match=r"trained with consistency 10\.0; the config says 0\.0"):
+        main(tiny_config(tmp_path, consistency=0.0, **settings), resume=tmp_path / "last.pt")

@@ -156,3 +156,17 @@ def test_a_resume_after_the_active_version_changed_is_refused(smoke_release: Pat
         ConfigError, match=r"started from pvqc-cell 0.0.0-before .* now gives pvqc-cell 0.0.0-test"
     ):
         main(config, resume=tmp_path / "run" / "last.pt")
+
+
+def test_a_run_from_the_registry_resumes_from_the_version_folder_it_started_from(
+    smoke_release: Path, tmp_path: Path
+) -> None:
+    # what the refusal above advises after a promotion: init_from the folder the run started from
+    root = registry_of(smoke_release, tmp_path / "registry")
+    settings = {"epochs": 2, "limit_train": 4, "limit_validation": 8}
+    main(tiny_config(tmp_path / "run", init_from=str(root), **settings), stop_after=1)
+    version = str(root / "0.0.0-test")
+    main(tiny_config(tmp_path / "run", init_from=version, **settings), resume=tmp_path / "run" / "last.pt")
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert [row["epoch"] for row in state["history"]] == [1, 2]
+    assert state["started_from"]["folder"] == version
