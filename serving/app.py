@@ -193,6 +193,10 @@ def create_app(settings: Settings | None = None, publisher: EventPublisher | Non
                 from serving.models import ModelFollower
 
                 services.follower = ModelFollower(services, Registry(settings.model_registry))
+                # the first look at the registry is done before the first request: the shadow version
+                # is loaded by then, and a promotion made just after startup is a change the next poll
+                # sees rather than a race with a first poll still pending
+                await services.follower.check()
                 follow = asyncio.create_task(services.follower.run(), name="pvqc-model-follower")
             app.state.services = services
             yield

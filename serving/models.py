@@ -131,10 +131,11 @@ class ModelFollower:
         return runtime
 
     async def run(self) -> None:
+        """Poll every period; the service's startup made the first check (serving.app's lifespan)."""
         period = self.services.settings.registry_poll_seconds
         while True:
+            await asyncio.sleep(period)
             try:
                 await self.check()
             except Exception:  # the follower must outlive any one bad poll
                 log.exception("model registry poll failed")
-            await asyncio.sleep(period)

@@ -66,6 +66,22 @@ def test_promotion_and_rollback_switch_the_served_model(client: TestClient, regi
     assert client.get("/inspections/1").json()["model"]["version"] == "1.0.0"  # stored as judged
 
 
+def test_the_registrys_shadow_is_served_from_the_first_request(
+    make_settings: MakeSettings, registry: Registry, tmp_path: Path
+) -> None:
+    # the startup looks at the registry before the first request; polling alone (every 60 s here) could
+    # leave the first frames without a shadow verdict, or race a promotion made just after startup
+    registry.set_shadow("2.0.0")
+    settings = make_settings(
+        model_dir=tmp_path / "unused", model_registry=registry.root, registry_poll_seconds=60
+    )
+    with TestClient(create_app(settings), headers=AUTH) as client:
+        served = client.get("/models").json()
+        assert served["active"]["version"] == "1.0.0" and served["shadow"]["version"] == "2.0.0"
+        registry.promote("2.0.0", force=True)  # after startup: nothing follows it until a poll or reload
+        assert client.get("/models").json()["active"]["version"] == "1.0.0"
+
+
 def test_a_broken_version_keeps_the_current_model_until_it_is_fixed(
     client: TestClient, registry: Registry
 ) -> None:
