@@ -459,7 +459,7 @@ def refuse_other_start(
             f"cannot resume: {path} started from {saved_start or 'ImageNet'}; the config says "
             f"init_from {config.init_from or 'null (ImageNet)'}"
         )
-    if config.init_from is None:
+    if release is None:  # from ImageNet, as the checkpoint was
         return
     if saved_release is None:  # a checkpoint from before runs recorded their release: its init_from
         if saved_start != config.init_from:
@@ -470,12 +470,11 @@ def refuse_other_start(
         return
     # a registry's active version may have changed since the run started: the weights resumed on top of
     # another release would be recorded as a fine-tune of a release they never started from
-    if release is None or saved_release.get("sha256") != release.get("sha256"):
-        now = f"{release['name']} {release['version']}" if release else "no release"
+    if saved_release.get("sha256") != release["sha256"]:
         raise ConfigError(
             f"cannot resume: {path} started from {saved_release.get('name')} {saved_release.get('version')} "
-            f"({saved_release.get('folder')}); init_from {config.init_from} now gives {now}: set init_from "
-            f"to {saved_release.get('folder')}"
+            f"({saved_release.get('folder')}); init_from {config.init_from} now gives {release['name']} "
+            f"{release['version']}: set init_from to {saved_release.get('folder')}"
         )
 
 
