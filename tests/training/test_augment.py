@@ -99,3 +99,40 @@ def test_everything_together_keeps_shape_and_grey_range() -> None:
     y = camera_batch(x, augment, torch.Generator().manual_seed(4))
     assert y.shape == x.shape and y.dtype == x.dtype
     assert float(y.min()) >= 0 and float(y.max()) <= 255
+
+
+def neighbour_correlation(noise: torch.Tensor) -> float:
+    """Correlation of each pixel's noise with its right-hand neighbour's, over the batch."""
+    left, right = noise[..., :, :-1].flatten(), noise[..., :, 1:].flatten()
+    return float(torch.corrcoef(torch.stack([left, right]))[0, 1])
+
+
+def test_imaged_noise_is_resampled_with_the_cell() -> None:
+    """Noise drawn at a third of the size and brought back up is blobs a few pixels wide, as in a cell
+    cut from a frame imaged at 100 px a cell; noise drawn at the input size is per-pixel speckle."""
+    flat = torch.full((8, 1, 96, 96), 128.0)
+    speckle = camera_batch(flat, CameraAugment(noise_sigma=6), torch.Generator().manual_seed(5)) - flat
+    imaged = camera_batch(
+        flat,
+        CameraAugment(noise_sigma=6, resample_min=0.33, imaged_noise=True),
+        torch.Generator().manual_seed(5),
+    )
+    assert abs(neighbour_correlation(speckle)) < 0.05
+    assert neighbour_correlation(imaged - flat) > 0.25  # 0.36 with this seed (imaged at 0.33-1 of the side)
+    assert 0 < float((imaged - flat).std()) < 6.0
+
+
+def test_imaged_noise_without_resampling_is_plain_noise() -> None:
+    flat = torch.full((4, 1, SIDE, SIDE), 128.0)
+    augment = CameraAugment(noise_sigma=6, imaged_noise=True)
+    noisy = camera_batch(flat, augment, torch.Generator().manual_seed(6))
+    assert float((noisy - flat).abs().max()) > 0
+    assert abs(neighbour_correlation(noisy - flat)) < 0.05
+
+
+def test_resample_with_noise_is_seeded() -> None:
+    x = blob_batch()
+    first = resample_batch(x, 0.4, torch.Generator().manual_seed(7), noise_sigma=4.0)
+    again = resample_batch(x, 0.4, torch.Generator().manual_seed(7), noise_sigma=4.0)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, resample_batch(x, 0.4, torch.Generator().manual_seed(7)))
