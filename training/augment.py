@@ -26,10 +26,6 @@ class CameraAugment:
     resample_min: float = 1.0  # smallest size, relative to the input, the cell was imaged at
     shading: float = 0.0  # largest brightness fall across the cell (fraction)
     noise_sigma: float = 0.0  # largest Gaussian noise sigma, grey levels
-    # the noise drawn at the size the cell was imaged at (resample_min..1 of the input) and then resampled
-    # with the cell, as a camera's pixels carry it into the cutter's output: blobs a few pixels wide when a
-    # module is imaged at 100 px a cell, not the per-pixel speckle of noise added at the input size
-    imaged_noise: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -79,11 +75,8 @@ def window_batch(x: torch.Tensor, augment: CameraAugment, generator: torch.Gener
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def resample_batch(
-    x: torch.Tensor, smallest: float, generator: torch.Generator, noise_sigma: float = 0.0
-) -> torch.Tensor:
-    """The blur of a cell imaged at a smaller size and resampled back: area down, bilinear up; with
-    `noise_sigma`, sensor noise is added at the small size, before the way back up (`imaged_noise`).
+def resample_batch(x: torch.Tensor, smallest: float, generator: torch.Generator) -> torch.Tensor:
+    """The blur of a cell imaged at a smaller size and resampled back: area down, bilinear up.
 
     One size per batch keeps it a single pair of resizes; over an epoch every size is seen.
     """
@@ -91,10 +84,8 @@ def resample_batch(
     factor = float(smallest + (1 - smallest) * torch.rand(1, generator=generator))
     small = max(8, round(side * factor))
     if small >= side:
-        return noise_batch(x, noise_sigma, generator) if noise_sigma else x
+        return x
     down = F.interpolate(x, size=(small, small), mode="area")
-    if noise_sigma:
-        down = noise_batch(down, noise_sigma, generator)
     return F.interpolate(down, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
@@ -126,11 +117,10 @@ def camera_batch(x: torch.Tensor, augment: CameraAugment, generator: torch.Gener
     """All camera-like augmentations of `augment`, in the order a camera and the cutter apply them."""
     if augment.shading:
         x = shading_batch(x, augment.shading, generator)
-    imaged_noise = augment.noise_sigma if augment.imaged_noise else 0.0
-    if augment.resample_min < 1 or imaged_noise:
-        x = resample_batch(x, augment.resample_min, generator, imaged_noise)
+    if augment.resample_min < 1:
+        x = resample_batch(x, augment.resample_min, generator)
     if augment.shift or augment.scale or augment.rotate_degrees:
         x = window_batch(x, augment, generator)
-    if augment.noise_sigma and not imaged_noise:
+    if augment.noise_sigma:
         x = noise_batch(x, augment.noise_sigma, generator)
     return x.clamp(0, 255)

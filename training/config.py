@@ -43,9 +43,6 @@ class TrainConfig:
     resample_min: float = 1.0
     shading: float = 0.0
     noise_sigma: float = 0.0
-    # the noise added at the imaged size (resample_min..1) and resampled with the cell, as a camera frame's
-    # noise reaches the cutter's output, instead of at the input size (training/augment.py)
-    imaged_noise: bool = False
     # weight of a consistency term (0: off): each cell is also seen as the camera and the cutter deliver it
     # (its own brightness/contrast and camera-like draws), and the Jensen-Shannon divergence between the
     # verdicts on the two copies is added to the loss. Augmentation alone teaches the verdict to be right on
@@ -139,7 +136,6 @@ class TrainConfig:
             (0.1 <= self.resample_min <= 1, "resample_min must be in [0.1, 1]"),
             (0 <= self.shading < 1, "shading must be in [0, 1)"),
             (0 <= self.noise_sigma < math.inf, "noise_sigma must be a number >= 0"),
-            (not self.imaged_noise or self.noise_sigma > 0, "imaged_noise needs noise_sigma > 0"),
             (
                 not self.cache_frozen or not self.camera_augmentation,
                 "shift, scale, rotate_degrees, resample_min, shading and noise_sigma need cache_frozen: "

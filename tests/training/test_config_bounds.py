@@ -30,7 +30,6 @@ from training.train import cli, parse_overrides
         ({"limit_train": -1}, "limit_train must be >= 1"),  # was a slice [:-1]: all cells but one
         ({"limit_validation": 0}, "limit_validation must be >= 1"),
         ({"noise_sigma": float("inf")}, "noise_sigma must be a number >= 0"),
-        ({"imaged_noise": True}, "imaged_noise needs noise_sigma > 0"),
         ({"reviewed_sets": ["a"], "reviewed_weights": [float("inf")]}, "reviewed_weights must be > 0"),
         ({"architecture": "resnet9000"}, "unknown architecture 'resnet9000'; expected one of"),
         ({"out_dir": " "}, "out_dir must name a folder"),
