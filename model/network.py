@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,7 +58,7 @@ class CellClassifier(nn.Module):
     # timm's EfficientNet: its submodules (conv_stem, bn1, blocks, conv_head, bn2, classifier) are untyped
     backbone: Any
 
-    def __init__(self, architecture: str, drop_rate: float = 0.2) -> None:
+    def __init__(self, architecture: str, drop_rate: float = 0.2, anti_alias: bool = False) -> None:
         super().__init__()
         import timm
 
@@ -66,7 +67,17 @@ class CellClassifier(nn.Module):
                 f"unknown architecture {architecture!r}; expected one of {sorted(PRETRAINED_SOURCES)}"
             )
         self.architecture = architecture
-        self.backbone = timm.create_model(architecture, pretrained=False, num_classes=1, drop_rate=0.0)
+        self.anti_alias = anti_alias
+        # anti_alias: each strided block convolves at full resolution, then blurs before it subsamples
+        # (blur pooling), so a shift of a pixel moves the features less; the blur has no weights, so
+        # ImageNet and released weights load as they are
+        self.backbone = timm.create_model(
+            architecture,
+            pretrained=False,
+            num_classes=1,
+            drop_rate=0.0,
+            aa_layer="blurpool" if anti_alias else None,
+        )
         self.dropout = nn.Dropout(drop_rate)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0)
@@ -189,6 +200,15 @@ def load_released(model: CellClassifier, onnx_path: Path) -> str:
     # copies: torch refuses to share numpy's read-only buffers
     initialisers = {t.name: numpy_helper.to_array(t).copy() for t in graph.initializer}
     graph_convs = [node for node in graph.node if node.op_type == "Conv"]
+    if model.anti_alias:
+        # each strided block's blur is a fixed convolution of its own, with nothing to load; the exporter
+        # writes its filter as a Constant node, not an initialiser
+        constants = {
+            node.output[0]: numpy_helper.to_array(node.attribute[0].t)
+            for node in graph.node
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
+        }
+        graph_convs = [node for node in graph_convs if not is_blur(node, {**initialisers, **constants})]
     modules = list(model.backbone.modules())
     convs = [m for m in modules if isinstance(m, nn.Conv2d)]
     norms = [m for m in modules if isinstance(m, nn.BatchNorm2d)]
@@ -232,6 +252,15 @@ def load_released(model: CellClassifier, onnx_path: Path) -> str:
     return f"the released graph {onnx_path} (batch norms folded into the convolutions)"
 
 
+def is_blur(node: Any, initialisers: dict[str, Any]) -> bool:
+    """Whether a graph's Conv node is a blur pool's binomial filter (no bias, a 3x3 kernel per channel)."""
+    weight = initialisers.get(node.input[1]) if len(node.input) == 2 else None
+    if weight is None or weight.ndim != 4 or weight.shape[1:] != (1, 3, 3):
+        return False
+    binomial = np.outer([1.0, 2.0, 1.0], [1.0, 2.0, 1.0]) / 16.0
+    return bool(np.allclose(weight, binomial[None, None], atol=1e-6))
+
+
 def released_head(graph: Any, initialisers: dict[str, Any], extra_convs: list[Any]) -> tuple[Any, Any] | None:
     """The one-logit head's (weight, bias) of an exported graph: a 1x1 convolution after the backbone's
     (current exports), or an Einsum whose output an Add shifts by the bias (exports before 1.2.1)."""
@@ -257,9 +286,9 @@ def released_head(graph: Any, initialisers: dict[str, Any], extra_convs: list[An
 
 
 def build_classifier(
-    architecture: str, pretrained: bool = True, drop_rate: float = 0.2
+    architecture: str, pretrained: bool = True, drop_rate: float = 0.2, anti_alias: bool = False
 ) -> tuple[CellClassifier, str]:
-    model = CellClassifier(architecture, drop_rate=drop_rate)
+    model = CellClassifier(architecture, drop_rate=drop_rate, anti_alias=anti_alias)
     source = load_pretrained(model) if pretrained else "random initialisation"
     return model, source
 

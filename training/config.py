@@ -32,6 +32,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_fraction: float = 0.15
     drop_rate: float = 0.2
+    # blur pooling at every strided block (model/network.py), for verdicts that a pixel's shift moves less
+    anti_alias: bool = False
     # brightness/contrast jitter amplitude (fraction); applied to raw grey levels
     jitter: float = 0.2
     # camera-like augmentation (training/augment.py), so that a verdict survives the module geometry's

@@ -235,12 +235,16 @@ def start_weights(config: TrainConfig) -> tuple[CellClassifier, str, dict[str, A
     """The network to train, where its weights come from, and for a run from a release (init_from)
     what the card records of it: version, the graph's sha256 and what that release learned from."""
     if config.init_from is None:
-        model, source = build_classifier(config.architecture, config.pretrained, config.drop_rate)
+        model, source = build_classifier(
+            config.architecture, config.pretrained, config.drop_rate, anti_alias=config.anti_alias
+        )
         return model, source, None
     named = Path(config.init_from)
     folder = release_folder(named)
-    card, graph, digest = release_to_start_from(folder, config.architecture)
-    model, _ = build_classifier(config.architecture, pretrained=False, drop_rate=config.drop_rate)
+    card, graph, digest = release_to_start_from(folder, config.architecture, config.anti_alias)
+    model, _ = build_classifier(
+        config.architecture, pretrained=False, drop_rate=config.drop_rate, anti_alias=config.anti_alias
+    )
     loaded = load_released(model, graph)
     started_from = {
         "name": card.name,
@@ -278,10 +282,12 @@ def release_folder(named: Path) -> Path:
         raise ConfigError(f"init_from: {exc}") from exc
 
 
-def release_to_start_from(folder: Path, architecture: str) -> tuple[ModelCard, Path, str]:
+def release_to_start_from(
+    folder: Path, architecture: str, anti_alias: bool = False
+) -> tuple[ModelCard, Path, str]:
     """The card, FP32 graph and the graph's sha256 of the release init_from names, checked: a folder
-    that is no release, a network of another architecture, or a graph that is not the file its card
-    records is refused in one line."""
+    that is no release, a network of another architecture (blur pooling or not included), or a graph
+    that is not the file its card records is refused in one line."""
     from model.card import CardError, read_card
 
     expected = "expected a released model folder (card.json + model.onnx)"
@@ -295,6 +301,13 @@ def release_to_start_from(folder: Path, architecture: str) -> tuple[ModelCard, P
     if card.architecture != architecture:
         raise ConfigError(
             f"init_from: {folder} holds a {card.architecture} network; the config says {architecture}"
+        )
+    config = card.provenance.get("config")
+    released_anti_alias = bool(config.get("anti_alias", False)) if isinstance(config, dict) else False
+    if released_anti_alias != anti_alias:
+        raise ConfigError(
+            f"init_from: {folder} holds a network {'with' if released_anti_alias else 'without'} blur "
+            f"pooling; set anti_alias: {str(released_anti_alias).lower()} to start from it"
         )
     recorded = card.provenance.get("sha256")
     digest = file_sha256(graph)
@@ -352,7 +365,11 @@ def model_from_checkpoint(state: dict[str, Any], architecture: str | None = None
     saved = state["config"]["architecture"]
     if architecture is not None and architecture != saved:
         raise WeightsError(f"the checkpoint holds a {saved} network; expected {architecture}")
-    model = CellClassifier(saved, drop_rate=state["config"].get("drop_rate", 0.2))
+    model = CellClassifier(
+        saved,
+        drop_rate=state["config"].get("drop_rate", 0.2),
+        anti_alias=bool(state["config"].get("anti_alias", False)),
+    )
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -391,6 +408,12 @@ def restore(
         raise WeightsError(
             f"cannot resume: {path} holds a {saved['architecture']} network; the config says "
             f"{config.architecture}"
+        )
+    # blur pooling keeps no weights of its own, so the weights would load either way into another network
+    if bool(saved.get("anti_alias", False)) != config.anti_alias:
+        raise WeightsError(
+            f"cannot resume: {path} holds a network {'with' if saved.get('anti_alias') else 'without'} blur "
+            f"pooling; the config says anti_alias: {str(config.anti_alias).lower()}"
         )
     # each process's share of an epoch, and so the schedule and the draws, depend on the process
     # count: a resume repeats the uninterrupted run only on as many processes as it started on
