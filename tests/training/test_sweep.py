@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from training.config import ConfigError
+from training.config import ConfigError, load_config
 from training.sweep import cli, read_sweep
 
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CPU_TINY = "{device: cpu, limit_train: 8, limit_validation: 8, batch_size: 8, validation_views: 1}"
 
 
@@ -77,3 +78,13 @@ def test_runs_side_by_side_and_the_deadline_stops_the_long_one(tmp_path: Path) -
     assert (collected / "short.pt").is_file()
     # the long run kept what it had: its best checkpoint so far, if an epoch ended before the deadline
     assert (collected / "long.pt").is_file() == (tmp_path / "work" / "long" / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
+def test_every_committed_config_and_sweep_file_loads(path: Path) -> None:
+    """A typo in a sweep file would otherwise surface on a lent GPU, whose minutes are few."""
+    if path.name.startswith("sweep-"):
+        _, runs = read_sweep(path)
+        assert runs
+    else:
+        load_config(path).validate()
