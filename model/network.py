@@ -200,15 +200,23 @@ def load_released(model: CellClassifier, onnx_path: Path) -> str:
     # copies: torch refuses to share numpy's read-only buffers
     initialisers = {t.name: numpy_helper.to_array(t).copy() for t in graph.initializer}
     graph_convs = [node for node in graph.node if node.op_type == "Conv"]
-    if model.anti_alias:
-        # each strided block's blur is a fixed convolution of its own, with nothing to load; the exporter
-        # writes its filter as a Constant node, not an initialiser
-        constants = {
-            node.output[0]: numpy_helper.to_array(node.attribute[0].t)
-            for node in graph.node
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
-        }
-        graph_convs = [node for node in graph_convs if not is_blur(node, {**initialisers, **constants})]
+    # each subsampling block's blur is a fixed convolution of its own, with nothing to load; the exporter
+    # writes its filter as a Constant node, not an initialiser
+    constants = {
+        node.output[0]: numpy_helper.to_array(node.attribute[0].t)
+        for node in graph.node
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
+    }
+    blurs = [node for node in graph_convs if is_blur(node, {**initialisers, **constants})]
+    network_blurs = sum(type(m).__name__ == "BlurPool2d" for m in model.modules())
+    # a release without blur may start a blurred network (the blur adds no weights); the other way
+    # round the features were learned through a blur the network would not have
+    if blurs and len(blurs) != network_blurs:
+        raise WeightsError(
+            f"{onnx_path} has {len(blurs)} blur pools, the network {network_blurs}: a release made with "
+            f"anti_alias needs a network with it; {expected}"
+        )
+    graph_convs = [node for node in graph_convs if node not in blurs]
     modules = list(model.backbone.modules())
     convs = [m for m in modules if isinstance(m, nn.Conv2d)]
     norms = [m for m in modules if isinstance(m, nn.BatchNorm2d)]

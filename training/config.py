@@ -32,8 +32,11 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_fraction: float = 0.15
     drop_rate: float = 0.2
-    # blur pooling at every strided block (model/network.py), for verdicts that a pixel's shift moves less
-    anti_alias: bool = False
+    # blur pooling at every subsampling block (model/network.py), for verdicts a pixel's shift moves less.
+    # None: none from ImageNet, and from a release (init_from) whatever that release's network has, so a
+    # fine-tune from the registry needs no edit after a blurred release is promoted; true from a release
+    # without it adds it (the blur has no weights)
+    anti_alias: bool | None = None
     # brightness/contrast jitter amplitude (fraction); applied to raw grey levels
     jitter: float = 0.2
     # camera-like augmentation (training/augment.py), so that a verdict survives the module geometry's

@@ -235,13 +235,16 @@ def start_weights(config: TrainConfig) -> tuple[CellClassifier, str, dict[str, A
     """The network to train, where its weights come from, and for a run from a release (init_from)
     what the card records of it: version, the graph's sha256 and what that release learned from."""
     if config.init_from is None:
+        # the config records the network built, so its checkpoints rebuild the same one
+        config.anti_alias = bool(config.anti_alias)
         model, source = build_classifier(
             config.architecture, config.pretrained, config.drop_rate, anti_alias=config.anti_alias
         )
         return model, source, None
     named = Path(config.init_from)
     folder = release_folder(named)
-    card, graph, digest = release_to_start_from(folder, config.architecture, config.anti_alias)
+    card, graph, digest = release_to_start_from(folder, config.architecture)
+    config.anti_alias = network_anti_alias(card, folder, config.anti_alias)
     model, _ = build_classifier(
         config.architecture, pretrained=False, drop_rate=config.drop_rate, anti_alias=config.anti_alias
     )
@@ -282,12 +285,10 @@ def release_folder(named: Path) -> Path:
         raise ConfigError(f"init_from: {exc}") from exc
 
 
-def release_to_start_from(
-    folder: Path, architecture: str, anti_alias: bool = False
-) -> tuple[ModelCard, Path, str]:
+def release_to_start_from(folder: Path, architecture: str) -> tuple[ModelCard, Path, str]:
     """The card, FP32 graph and the graph's sha256 of the release init_from names, checked: a folder
-    that is no release, a network of another architecture (blur pooling or not included), or a graph
-    that is not the file its card records is refused in one line."""
+    that is no release, a network of another architecture, or a graph that is not the file its card
+    records is refused in one line."""
     from model.card import CardError, read_card
 
     expected = "expected a released model folder (card.json + model.onnx)"
@@ -302,18 +303,27 @@ def release_to_start_from(
         raise ConfigError(
             f"init_from: {folder} holds a {card.architecture} network; the config says {architecture}"
         )
-    config = card.provenance.get("config")
-    released_anti_alias = bool(config.get("anti_alias", False)) if isinstance(config, dict) else False
-    if released_anti_alias != anti_alias:
-        raise ConfigError(
-            f"init_from: {folder} holds a network {'with' if released_anti_alias else 'without'} blur "
-            f"pooling; set anti_alias: {str(released_anti_alias).lower()} to start from it"
-        )
     recorded = card.provenance.get("sha256")
     digest = file_sha256(graph)
     if isinstance(recorded, dict) and recorded.get(graph.name, digest) != digest:
         raise ConfigError(f"init_from: {graph} does not match the sha256 its card records")
     return card, graph, digest
+
+
+def network_anti_alias(card: ModelCard, folder: Path, requested: bool | None) -> bool:
+    """Whether a run from this release has blur pooling: the release's own network unless the config
+    asks for the blur (it has no weights, so adding it to a release without it is a fine-tune like any
+    other). Dropping a release's blur is refused: its features were learned through it."""
+    config = card.provenance.get("config")
+    released = bool(config.get("anti_alias")) if isinstance(config, dict) else False
+    if requested is None:
+        return released
+    if released and not requested:
+        raise ConfigError(
+            f"init_from: {folder} holds a network with blur pooling; anti_alias: false would drop it "
+            "(leave anti_alias unset to keep it)"
+        )
+    return requested
 
 
 # ---------------------------------------------------------------------------------------- checkpoints

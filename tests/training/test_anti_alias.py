@@ -1,5 +1,6 @@
-"""Blur pooling (anti_alias): it adds no weights, a release made with it loads back exactly, and a run or
-a resume that mixes networks with and without it is refused in one line."""
+"""Blur pooling (anti_alias): it adds no weights, a release made with it loads back exactly, a run from a
+release keeps the release's network (or adds the blur when asked), and dropping a release's blur or
+resuming into the other network is refused in one line."""
 
 from __future__ import annotations
 
@@ -10,13 +11,11 @@ import pytest
 import torch
 from timm.layers import BlurPool2d
 
-from model.network import CellClassifier, load_released
+from model.network import CellClassifier, WeightsError, load_released
 from model.onnx_export import CAM_OUTPUT, INPUT_NAME, onnx_session
 from tests.training.conftest import tiny_config
 from training.config import ConfigError
 from training.train import load_checkpoint, main, model_from_checkpoint
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +49,7 @@ def test_blur_pooling_adds_no_weights() -> None:
     assert not torch.allclose(a, b, rtol=1e-3, atol=1e-3)  # the same weights, another network
 
 
+@pytest.mark.slow
 def test_a_blurred_release_loads_back_into_the_network_exactly(blurred_release: Path) -> None:
     model = CellClassifier("efficientnet_lite0", anti_alias=True)
     load_released(model, blurred_release / "model.onnx")
@@ -58,23 +58,29 @@ def test_a_blurred_release_loads_back_into_the_network_exactly(blurred_release: 
         _, ours = model.eval()(torch.from_numpy(cells).float()[:, None])
     session = onnx_session(blurred_release / "model.onnx")
     (graph,) = session.run([CAM_OUTPUT], {INPUT_NAME: cells.astype(np.float32)[:, None]})  # type: ignore[attr-defined]
-    np.testing.assert_allclose(ours.numpy(), graph, rtol=1e-4, atol=1e-4)
+    # float32 kernels of two runtimes, whose sums run in another order on another machine: an element near
+    # zero of a map that reaches 30 is off by about 1e-4 (seen in CI), so the tolerance scales with the map;
+    # a blur dropped or a layer swapped misses by whole units
+    np.testing.assert_allclose(ours.numpy(), graph, rtol=1e-4, atol=2e-5 * float(np.abs(graph).max()))
 
 
-def test_starting_from_a_release_needs_the_same_network(
+@pytest.mark.slow
+def test_a_run_from_a_release_keeps_its_network_or_adds_the_blur(
     blurred_release: Path, smoke_release: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(ConfigError, match="with blur pooling; set anti_alias: true to start from it"):
-        main(tiny_config(tmp_path / "a", init_from=str(blurred_release)))
-    with pytest.raises(ConfigError, match="without blur pooling; set anti_alias: false to start from it"):
-        main(tiny_config(tmp_path / "b", init_from=str(smoke_release), anti_alias=True))
-    main(tiny_config(tmp_path / "c", init_from=str(blurred_release), anti_alias=True))
-    model = model_from_checkpoint(load_checkpoint(tmp_path / "c" / "last.pt"))
-    assert model.anti_alias
+    with pytest.raises(ConfigError, match="with blur pooling; anti_alias: false would drop it"):
+        main(tiny_config(tmp_path / "a", init_from=str(blurred_release), anti_alias=False))
+    with pytest.raises(WeightsError, match="has 4 blur pools, the network 0"):
+        load_released(CellClassifier("efficientnet_lite0"), blurred_release / "model.onnx")
+    # unset: the release's network, recorded so the checkpoint rebuilds it
+    main(tiny_config(tmp_path / "kept", init_from=str(blurred_release)))
+    assert model_from_checkpoint(load_checkpoint(tmp_path / "kept" / "last.pt")).anti_alias
+    # asked for: the blur added to a release without it
+    main(tiny_config(tmp_path / "added", init_from=str(smoke_release), anti_alias=True))
+    assert model_from_checkpoint(load_checkpoint(tmp_path / "added" / "last.pt")).anti_alias
 
 
+@pytest.mark.slow
 def test_a_resume_into_the_other_network_is_refused(smoke_run: Path, tmp_path: Path) -> None:
-    from model.network import WeightsError
-
     with pytest.raises(WeightsError, match="without blur pooling; the config says anti_alias: true"):
         main(tiny_config(tmp_path / "run", anti_alias=True), resume=smoke_run / "last.pt")
