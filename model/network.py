@@ -208,7 +208,9 @@ def load_released(model: CellClassifier, onnx_path: Path) -> str:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
     }
     blurs = [node for node in graph_convs if is_blur(node, {**initialisers, **constants})]
-    network_blurs = sum(type(m).__name__ == "BlurPool2d" for m in model.modules())
+    from timm.layers import BlurPool2d
+
+    network_blurs = sum(isinstance(m, BlurPool2d) for m in model.modules())
     # a release without blur may start a blurred network (the blur adds no weights); the other way
     # round the features were learned through a blur the network would not have
     if blurs and len(blurs) != network_blurs:

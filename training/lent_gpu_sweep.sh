@@ -34,7 +34,10 @@ PVQC_ELPV_ROOT=/tmp/elpv PVQC_IMAGENET_WEIGHTS=/tmp/lite0-imagenet.pt \
 rc=$?
 echo "sweep rc $rc after $(($(date +%s) - t0)) s"
 if [ -d /tmp/runs ]; then
-    tar -czf "$DEST/runs.tar.gz" -C /tmp/runs --exclude='*.pt' . || { echo "could not archive the runs' logs"; rc=${rc/#0/1}; }
+    if ! tar -czf "$DEST/runs.tar.gz" -C /tmp/runs --exclude='*.pt' .; then
+        echo "could not archive the runs' logs"
+        [ "$rc" -eq 0 ] && rc=1
+    fi
 else
     echo "no runs to archive"
 fi
