@@ -24,7 +24,9 @@ How it works, top to bottom:
    6x10) has only every 2nd (3rd) line on a gap, the others on busbars, far fainter: refused too.
 5. Edges: the lines run along the middle of the gaps; each is moved out to the edges of its gap,
    measured across it in the full-resolution frame, so a cell is cut without slivers of gap (a
-   classifier sees it as it was photographed for training).
+   classifier sees it as it was photographed for training). A module's cells are all of one size: a
+   cell side far from the median (MAX_CELL_SIDE_SPREAD) means a wrong outline (a notch where dark cells
+   sit at the module's edge) or a line off its gap, and the result is ok=False, not a wrong cut.
 6. Cut: each cell's quadrilateral is mapped back to the frame and resampled once, from the original
    pixels, to cell_size x cell_size; a half cell in its own proportions, then judged as two mirrored
    squares (`cell_views`, model.preprocess.half_cell_views).
@@ -90,6 +92,11 @@ EDGE_LEVEL = 0.15  # a cell starts where the profile has climbed this share from
 EDGE_STEP = 0.5  # frame pixels between samples across a gap
 EDGE_SAMPLES = 16  # samples along each cell's side, per band
 MIN_EDGE_CONTRAST = 0.15  # a gap shallower than this (relative to the cells) keeps its centre line
+# A module's cells are all of one size (a half-cut module's halves too), so a cut cell whose side differs
+# from the median by more than this fraction of a whole cell is a wrong outline or grid. On 2,300
+# generated frames beyond the generator's ranges (benchmarks/geometry_stress.py) right grids reached
+# 0.082, grids cut wrong by a notched outline (a row of dark cells at the module's edge) 0.10-0.36.
+MAX_CELL_SIDE_SPREAD = 0.12
 
 
 @dataclass(frozen=True)
@@ -506,7 +513,6 @@ def grid_and_cut(
     else:
         x_bounds = [(xs[k], xs[k + 1]) for k in range(cols)]
         y_bounds = [(ys[k], ys[k + 1]) for k in range(rows)]
-    cells = cut_cells(grey, from_rect, x_bounds, y_bounds, cell_size)
     if confidence < MIN_CONFIDENCE:
         where = "no module outline found, and the whole frame" if not find_edges else "the module found"
         return ModuleGeometry(
@@ -521,6 +527,17 @@ def grid_and_cut(
             modules_in_view,
             notes,
         )
+    extents = ((margin_y, margin_y + rows * pitch_y), (margin_x, margin_x + cols * pitch_x))
+    spread = max(side_spread(x_bounds, extents[0]), side_spread(y_bounds, extents[1])) / max(pitch_x, pitch_y)
+    if spread > MAX_CELL_SIDE_SPREAD:
+        reason = (
+            f"the cut cells are not all of one size (a side {spread:.2f} of a cell off the median, at most "
+            f"{MAX_CELL_SIDE_SPREAD}): the module's outline or a grid line is wrong, e.g. where dark cells "
+            "sit at the module's edge; a person must look at this frame"
+        )
+        log.info("module geometry refused: %s", reason)
+        return ModuleGeometry(False, reason, confidence, rows, cols, corners, [], modules_in_view, notes)
+    cells = cut_cells(grey, from_rect, x_bounds, y_bounds, cell_size)
     return ModuleGeometry(True, None, confidence, rows, cols, corners, cells, modules_in_view, notes)
 
 
@@ -1053,6 +1070,17 @@ def _climb(
     rise = float(profile[j] - profile[i])
     fraction = (level - float(profile[i])) / rise if rise > 1e-9 else 0.0
     return float(offsets[i] + fraction * (offsets[j] - offsets[i]))
+
+
+def side_spread(bounds: list[tuple[Line, Line]], ends: tuple[float, float]) -> float:
+    """The largest difference of a cell's side from the median side (rectified pixels), measured at
+    both ends of the lines (`ends`: where they cross the module's outer edges), so a line tilted
+    against its neighbours counts as well as one misplaced."""
+    spread = 0.0
+    for at in ends:
+        sides = np.array([(end[0] + end[1] * at) - (start[0] + start[1] * at) for start, end in bounds])
+        spread = max(spread, float(np.max(np.abs(sides - np.median(sides)))))
+    return spread
 
 
 def crossing(vertical: Line, horizontal: Line) -> tuple[float, float]:

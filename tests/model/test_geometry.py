@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from datasets.elpv import ElpvCells, load_elpv
 from datasets.synthetic import FrameSpec, SyntheticFrame, generate_frames, half_of, render_frame
-from model.geometry import ModuleGeometry, cut_module, draw_grid, find_modules, profile_edges
+from model.geometry import ModuleGeometry, cut_module, draw_grid, find_modules, grid_and_cut, profile_edges
 
 FRAMES = Path(__file__).parents[1] / "data" / "el-frames"
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts" / "geometry"
@@ -539,3 +539,21 @@ def test_of_two_modules_of_nearly_one_size_the_one_nearest_the_centre_is_judged(
     assert any("nearest the centre" in note for note in judged.notes)
     modules = find_modules(both, 6, 10, CELL)
     assert modules[0].corners is not None and np.allclose(modules[0].corners, judged.corners)
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_a_notched_outline_is_refused_not_cut_wrong(cells: ElpvCells, seed: int) -> None:
+    # A row of dark cells at the module's edge notches the located outline: one corner sits inside the
+    # module. On these frames (12x6 portrait) a corner pulled 0.6 of a cell along its side still left
+    # gaps enough to support the grid, and the cells were cut up to 0.6 of a cell off with ok=True.
+    # The cells of a module are all of one size, so the skewed cut must be refused.
+    frame = next(iter(generate_frames(cells, 1, seed=seed, cell_px=(100.0, 140.0))))
+    right = grid_and_cut(frame.image, frame.corners, frame.rows, frame.cols, CELL, 1, [])
+    assert right.ok and float(centre_errors(frame, right).max()) <= TOLERANCE
+    corners = frame.corners.copy()
+    up_left_side = corners[0] - corners[3]
+    corners[3] += 0.6 * up_left_side / frame.rows
+    notched = grid_and_cut(frame.image, corners, frame.rows, frame.cols, CELL, 1, [])
+    save_picture(f"notched-outline-{seed}", frame.image, notched)
+    assert not notched.ok and not notched.cells
+    assert notched.reason is not None and "not all of one size" in notched.reason

@@ -1,0 +1,116 @@
+"""Geometry beyond the generator's ranges: how often a wrong grid is passed off as right; one JSON line.
+
+Owns: the count that matters most for a line's safety, the frames where `cut_module` says ok but cuts
+cells in the wrong place (a classifier then judges half a cell and a gap, and a module can PASS on
+cells nobody looked at). A refusal is safe: serving answers REVIEW with the reason. The frames go past
+what `datasets.synthetic.random_spec` draws (tilt up to 14 degrees, perspective up to 0.07, vignetting
+up to 0.35, gain 0.7-1.1, noise up to 12 grey levels, 70-200 px cells), and `--dark-edge-share` of
+them have a whole edge row or column of the darkest ELPV cells: an inactive string at the module's
+edge, which the module's outline does not enclose. Each frame is one of:
+- right: every cell centre within 3 % of a cell width of the truth;
+- refused: ok=False, with a reason (REVIEW in serving);
+- off: ok, worst centre 3-10 % of a cell off;
+- wrong: ok, a cell centre more than 10 % of a cell off (a silent wrong cut).
+
+    python -m benchmarks.geometry_stress --frames 1500 --seed 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+
+from benchmarks.geometry_accuracy import CENTRE_TOLERANCE, score_frame
+from datasets.elpv import ElpvCells, load_elpv
+from datasets.synthetic import FrameSpec, SyntheticFrame, random_spec, render_frame
+from model.geometry import cut_module
+
+log = logging.getLogger(__name__)
+
+WRONG_FROM = 0.10  # a centre error (cell widths) from which a cut cell shows a different part of the module
+DARK_CELLS = 200  # the edge row or column is drawn from this many darkest ELPV cells
+
+
+def stress_spec(rng: np.random.Generator, half_cut_share: float) -> FrameSpec:
+    """A frame spec past the generator's own ranges (see the module docstring)."""
+    spec = random_spec(rng, cell_px=(70.0, 200.0), half_cut_share=half_cut_share)
+    return replace(
+        spec,
+        rotation_deg=float(rng.uniform(-14, 14)),
+        perspective=float(rng.uniform(0.0, 0.07)),
+        vignetting=float(rng.uniform(0.0, 0.35)),
+        gain=float(rng.uniform(0.7, 1.1)),
+        noise_sigma=float(rng.uniform(0.0, 12.0)),
+    )
+
+
+def layout(
+    rng: np.random.Generator, spec: FrameSpec, cell_count: int, dark: np.ndarray, dark_edge: bool
+) -> np.ndarray:
+    """Row-major cell indices; with `dark_edge`, one edge row or column (drawn) of dark cells."""
+    grid = rng.choice(cell_count, size=(spec.rows, spec.cols))
+    if dark_edge:
+        side = int(rng.integers(4))
+        if side < 2:
+            grid[0 if side == 0 else -1] = rng.choice(dark, size=spec.cols)
+        else:
+            grid[:, 0 if side == 2 else -1] = rng.choice(dark, size=spec.rows)
+    return grid.reshape(-1)
+
+
+def outcome(frame: SyntheticFrame, cells: ElpvCells) -> tuple[str, float]:
+    geometry = cut_module(frame.image, frame.rows, frame.cols, cells.images.shape[1])
+    if not geometry.ok:
+        return "refused", float("inf")
+    worst = score_frame(frame, geometry).worst
+    if worst <= CENTRE_TOLERANCE:
+        return "right", worst
+    return ("off" if worst <= WRONG_FROM else "wrong"), worst
+
+
+def main(args: argparse.Namespace) -> dict[str, object]:
+    cells = load_elpv()
+    brightness = cells.images.reshape(len(cells.images), -1).mean(axis=1)
+    dark = np.argsort(brightness)[:DARK_CELLS]
+    rng = np.random.default_rng(args.seed)
+    tally: Counter[str] = Counter()
+    dark_tally: Counter[str] = Counter()
+    for number in range(args.frames):
+        spec = stress_spec(rng, args.half_cut_share)
+        dark_edge = bool(rng.random() < args.dark_edge_share)
+        indices = layout(rng, spec, len(cells.images), dark, dark_edge)
+        frame = render_frame(cells, spec, rng, indices)
+        kind, worst = outcome(frame, cells)
+        tally[kind] += 1
+        dark_tally[kind] += dark_edge
+        if kind in ("off", "wrong"):
+            log.warning("frame %d (%s, dark edge %s): worst %.3f", number, kind, dark_edge, worst)
+    return {
+        "benchmark": "geometry_stress",
+        "frames": args.frames,
+        "seed": args.seed,
+        "dark_edge_share": args.dark_edge_share,
+        "half_cut_share": args.half_cut_share,
+        **{kind: tally[kind] for kind in ("right", "refused", "off", "wrong")},
+        "dark_edge": {kind: dark_tally[kind] for kind in ("right", "refused", "off", "wrong")},
+        "silent_wrong_fraction": round(tally["wrong"] / max(1, args.frames), 4),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--dark-edge-share", type=float, default=0.4)
+    parser.add_argument("--half-cut-share", type=float, default=0.0)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    print(json.dumps(main(parse_args())))
