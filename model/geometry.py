@@ -26,7 +26,9 @@ How it works, top to bottom:
    measured across it in the full-resolution frame, so a cell is cut without slivers of gap (a
    classifier sees it as it was photographed for training). A module's cells are all of one size: a
    cell side far from the median (MAX_CELL_SIDE_SPREAD) means a wrong outline (a notch where dark cells
-   sit at the module's edge) or a line off its gap, and the result is ok=False, not a wrong cut.
+   sit at the module's edge) or a line off its gap. The outline is then taken again from the crossings
+   of the well-supported gap lines (`lattice_corners`) and steps 2-5 run once more; cells still uneven
+   give ok=False, never a wrong cut.
 6. Cut: each cell's quadrilateral is mapped back to the frame and resampled once, from the original
    pixels, to cell_size x cell_size; a half cell in its own proportions, then judged as two mirrored
    squares (`cell_views`, model.preprocess.half_cell_views).
@@ -39,7 +41,7 @@ refused: there is no outline to rectify it by.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import cv2
@@ -93,9 +95,10 @@ EDGE_STEP = 0.5  # frame pixels between samples across a gap
 EDGE_SAMPLES = 16  # samples along each cell's side, per band
 MIN_EDGE_CONTRAST = 0.15  # a gap shallower than this (relative to the cells) keeps its centre line
 # A module's cells are all of one size (a half-cut module's halves too), so a cut cell whose side differs
-# from the median by more than this fraction of a whole cell is a wrong outline or grid. On 2,300
-# generated frames beyond the generator's ranges (benchmarks/geometry_stress.py) right grids reached
-# 0.082, grids cut wrong by a notched outline (a row of dark cells at the module's edge) 0.10-0.36.
+# from the median by more than this fraction of the pitch along that side is a wrong outline or grid. On
+# frames beyond the generator's ranges (benchmarks/geometry_stress.py; 900 whole-cell, 500 half-cut)
+# right grids reached 0.073 (half-cut 0.094); grids cut more than 10 % of a cell wrong, most by an
+# outline notched where dark cells sit at the module's edge, 0.139-0.59.
 MAX_CELL_SIDE_SPREAD = 0.12
 
 
@@ -434,8 +437,14 @@ def grid_and_cut(
     modules_in_view: int,
     notes: list[str],
     find_edges: bool = True,
+    refine: bool = True,
 ) -> ModuleGeometry:
-    """Rectify the module inside `corners`, find its gaps, cut the cells."""
+    """Rectify the module inside `corners`, find its gaps, cut the cells.
+
+    Where the cells come out of uneven size, the outline is taken again from the well-supported grid
+    lines (`lattice_corners`) and the module rectified once more (`refine`); if that does not give
+    cells of one size either, the grid is refused.
+    """
     width, height = side_lengths(corners)
     if width < cols * 4 or height < rows * 4:
         return refused(
@@ -494,6 +503,20 @@ def grid_and_cut(
             modules_in_view,
             notes,
         )
+    if confidence < MIN_CONFIDENCE:
+        where = "no module outline found, and the whole frame" if not find_edges else "the module found"
+        return ModuleGeometry(
+            False,
+            f"{where} does not show a {rows}x{cols} grid of cells (gap confidence {confidence:.2f} < "
+            f"{MIN_CONFIDENCE}); check the line's rows and cols, or the frame",
+            confidence,
+            rows,
+            cols,
+            corners,
+            [],  # no cells: nothing from a doubtful grid must reach the classifier
+            modules_in_view,
+            notes,
+        )
     if not find_edges:
         # A rectified module is cut evenly: the gaps only vouch for the grid. Tiles composed edge to
         # edge then come back unchanged, and an upstream rectifier's layout is kept.
@@ -513,23 +536,17 @@ def grid_and_cut(
     else:
         x_bounds = [(xs[k], xs[k + 1]) for k in range(cols)]
         y_bounds = [(ys[k], ys[k + 1]) for k in range(rows)]
-    if confidence < MIN_CONFIDENCE:
-        where = "no module outline found, and the whole frame" if not find_edges else "the module found"
-        return ModuleGeometry(
-            False,
-            f"{where} does not show a {rows}x{cols} grid of cells (gap confidence {confidence:.2f} < "
-            f"{MIN_CONFIDENCE}); check the line's rows and cols, or the frame",
-            confidence,
-            rows,
-            cols,
-            corners,
-            [],  # no cells: nothing from a doubtful grid must reach the classifier
-            modules_in_view,
-            notes,
-        )
-    extents = ((margin_y, margin_y + rows * pitch_y), (margin_x, margin_x + cols * pitch_x))
-    spread = max(side_spread(x_bounds, extents[0]), side_spread(y_bounds, extents[1])) / max(pitch_x, pitch_y)
+    pitches, margins = (pitch_x, pitch_y), (margin_x, margin_y)
+    spread = cell_side_spread(x_bounds, y_bounds, (rows, cols), pitches, margins)
     if spread > MAX_CELL_SIDE_SPREAD:
+        lattice = lattice_corners(x_axis, y_axis, to_rect, (rows, cols), pitches, margins) if refine else None
+        if lattice is not None:
+            again = grid_and_cut(
+                grey, lattice, rows, cols, cell_size, modules_in_view, notes, find_edges, refine=False
+            )
+            if again.ok:
+                refined_note = "outline taken from the grid's gap lines (the located one was notched)"
+                return replace(again, notes=[*again.notes, refined_note])
         reason = (
             f"the cut cells are not all of one size (a side {spread:.2f} of a cell off the median, at most "
             f"{MAX_CELL_SIDE_SPREAD}): the module's outline or a grid line is wrong, e.g. where dark cells "
@@ -1070,6 +1087,59 @@ def _climb(
     rise = float(profile[j] - profile[i])
     fraction = (level - float(profile[i])) / rise if rise > 1e-9 else 0.0
     return float(offsets[i] + fraction * (offsets[j] - offsets[i]))
+
+
+def lattice_corners(
+    x_axis: AxisGrid,
+    y_axis: AxisGrid,
+    to_rect: np.ndarray,
+    grid: tuple[int, int],
+    pitches: tuple[float, float],
+    margins: tuple[float, float],
+) -> np.ndarray | None:
+    """The module's outer corners in the frame as its well-supported inner gap lines place them, or
+    None with fewer than two such lines on either axis.
+
+    A notched outline (dark cells at the module's edge, outside the located bright region) skews the
+    rectification; the crossings of the lines that clearly lie on gaps, mapped to where an even grid
+    puts them, give the module's true projection, and the outline follows from it.
+    """
+    rows, cols = grid
+    (pitch_x, pitch_y), (margin_x, margin_y) = pitches, margins
+    vertical = [(k, x_axis.lines[k]) for k in range(1, cols) if x_axis.support[k - 1] >= MIN_CONFIDENCE]
+    horizontal = [(k, y_axis.lines[k]) for k in range(1, rows) if y_axis.support[k - 1] >= MIN_CONFIDENCE]
+    if len(vertical) < 2 or len(horizontal) < 2:
+        return None
+    found = np.array([crossing(v, h) for _, v in vertical for _, h in horizontal], np.float32)
+    even = np.array(
+        [(margin_x + i * pitch_x, margin_y + j * pitch_y) for i, _ in vertical for j, _ in horizontal],
+        np.float32,
+    )
+    to_even, _ = cv2.findHomography(found, even, 0)
+    if to_even is None:
+        return None
+    outline = np.array(
+        [[0, 0], [cols * pitch_x, 0], [cols * pitch_x, rows * pitch_y], [0, rows * pitch_y]], np.float32
+    ) + np.array([margin_x, margin_y], np.float32)
+    from_even = np.linalg.inv(to_even @ to_rect)
+    return cv2.perspectiveTransform(outline.reshape(-1, 1, 2), from_even).reshape(4, 2).astype(np.float32)
+
+
+def cell_side_spread(
+    x_bounds: list[tuple[Line, Line]],
+    y_bounds: list[tuple[Line, Line]],
+    grid: tuple[int, int],
+    pitches: tuple[float, float],
+    margins: tuple[float, float],
+) -> float:
+    """How far the cut cells are from being all of one size: the largest difference of a cell's width
+    (height) from the median, as a fraction of the pitch along that axis, so a half cell's short side
+    is held to its own length. The widths are measured where the vertical lines meet the module's top
+    and bottom edges, the heights where the horizontal ones meet its left and right edges."""
+    (rows, cols), (pitch_x, pitch_y), (margin_x, margin_y) = grid, pitches, margins
+    widths = side_spread(x_bounds, (margin_y, margin_y + rows * pitch_y)) / pitch_x
+    heights = side_spread(y_bounds, (margin_x, margin_x + cols * pitch_x)) / pitch_y
+    return max(widths, heights)
 
 
 def side_spread(bounds: list[tuple[Line, Line]], ends: tuple[float, float]) -> float:

@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 
 from datasets.elpv import ElpvCells, load_elpv
 from datasets.synthetic import FrameSpec, SyntheticFrame, generate_frames, half_of, render_frame
-from model.geometry import ModuleGeometry, cut_module, draw_grid, find_modules, grid_and_cut, profile_edges
+from model.geometry import (
+    ModuleGeometry,
+    cell_side_spread,
+    cut_module,
+    draw_grid,
+    find_modules,
+    grid_and_cut,
+    profile_edges,
+)
 
 FRAMES = Path(__file__).parents[1] / "data" / "el-frames"
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts" / "geometry"
@@ -542,18 +550,36 @@ def test_of_two_modules_of_nearly_one_size_the_one_nearest_the_centre_is_judged(
 
 
 @pytest.mark.parametrize("seed", [4, 5])
-def test_a_notched_outline_is_refused_not_cut_wrong(cells: ElpvCells, seed: int) -> None:
+def test_a_notched_outline_is_taken_again_from_the_grid_or_refused(cells: ElpvCells, seed: int) -> None:
     # A row of dark cells at the module's edge notches the located outline: one corner sits inside the
     # module. On these frames (12x6 portrait) a corner pulled 0.6 of a cell along its side still left
     # gaps enough to support the grid, and the cells were cut up to 0.6 of a cell off with ok=True.
-    # The cells of a module are all of one size, so the skewed cut must be refused.
+    # The cells of a module are all of one size: the skewed cut is caught, the outline taken again
+    # from the grid's gap lines, and the cells cut right; without that second look, it is refused.
     frame = next(iter(generate_frames(cells, 1, seed=seed, cell_px=(100.0, 140.0))))
     right = grid_and_cut(frame.image, frame.corners, frame.rows, frame.cols, CELL, 1, [])
-    assert right.ok and float(centre_errors(frame, right).max()) <= TOLERANCE
+    assert right.ok and float(centre_errors(frame, right).max()) <= TOLERANCE and not right.notes
     corners = frame.corners.copy()
     up_left_side = corners[0] - corners[3]
     corners[3] += 0.6 * up_left_side / frame.rows
-    notched = grid_and_cut(frame.image, corners, frame.rows, frame.cols, CELL, 1, [])
-    save_picture(f"notched-outline-{seed}", frame.image, notched)
-    assert not notched.ok and not notched.cells
-    assert notched.reason is not None and "not all of one size" in notched.reason
+    repaired = grid_and_cut(frame.image, corners, frame.rows, frame.cols, CELL, 1, [])
+    save_picture(f"notched-outline-{seed}", frame.image, repaired)
+    assert repaired.ok and float(centre_errors(frame, repaired).max()) <= TOLERANCE
+    assert any("outline taken from the grid" in note for note in repaired.notes)
+    refused = grid_and_cut(frame.image, corners, frame.rows, frame.cols, CELL, 1, [], refine=False)
+    assert not refused.ok and not refused.cells
+    assert refused.reason is not None and "not all of one size" in refused.reason
+
+
+def test_cell_side_spread_is_measured_at_both_module_edges_in_each_axis_pitch() -> None:
+    # 2 rows x 3 cols, half-cut proportions (pitch 80 across, 40 down), margins (10, 5): cells 78 wide
+    # and 38 high; the last column's end line tilts, so the last cell is 78 wide at the module's top
+    # edge (y = 5) and 86 at its bottom edge (y = 85): 8 over the median width of 78
+    x_bounds = [((11.0, 0.0), (89.0, 0.0)), ((91.0, 0.0), (169.0, 0.0)), ((171.0, 0.0), (248.5, 0.1))]
+    y_bounds = [((6.0, 0.0), (44.0, 0.0)), ((46.0, 0.0), (84.0, 0.0))]
+    spread = cell_side_spread(x_bounds, y_bounds, (2, 3), (80.0, 40.0), (10.0, 5.0))
+    assert spread == pytest.approx(8 / 80)
+    # a row 4 pixels higher than the other: the median of two is their mean, 2 pixels from each, which
+    # is 0.05 of the 40-pixel pitch down (held to its own pitch, not to the 80 across)
+    taller = [((6.0, 0.0), (48.0, 0.0)), ((50.0, 0.0), (88.0, 0.0))]
+    assert cell_side_spread(x_bounds[:2], taller, (2, 2), (80.0, 40.0), (10.0, 5.0)) == pytest.approx(2 / 40)
