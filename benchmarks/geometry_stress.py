@@ -34,7 +34,7 @@ from model.geometry import ModuleGeometry, cut_module
 
 log = logging.getLogger(__name__)
 
-WRONG_FROM = 0.10  # a centre error (cell widths) from which a cut cell shows a different part of the module
+WRONG_FROM = 0.10  # a centre error (of the cell's side) from which a cut cell shows another part
 DARK_CELLS = 200  # the edge row or column is drawn from this many darkest ELPV cells
 
 
@@ -67,7 +67,9 @@ def layout(
 
 def worst_error(frame: SyntheticFrame, geometry: ModuleGeometry) -> float:
     """The largest cell-centre error, each measured in its cell's own sides: across the cell as a
-    fraction of its width, along it of its height (a half cell's short side is the one that matters)."""
+    fraction of its width, along it of its height (a half cell's short side is the one that matters).
+    The larger of the two components, not the distance: geometry_accuracy's acceptance figure is the
+    distance in cell widths, up to 1.4 times this on a whole cell."""
     worst = 0.0
     for truth, found in zip(frame.cells, geometry.cells, strict=True):
         corners = truth.polygon.astype(np.float64)

@@ -27,8 +27,9 @@ How it works, top to bottom:
    classifier sees it as it was photographed for training). A module's cells are all of one size: a
    cell side far from the median (MAX_CELL_SIDE_SPREAD) means a wrong outline (a notch where dark cells
    sit at the module's edge) or a line off its gap. The outline is then taken again from the crossings
-   of the well-supported gap lines (`lattice_corners`) and steps 2-5 run once more; cells still uneven
-   give ok=False, never a wrong cut.
+   of the well-supported gap lines (`lattice_corners`) and, if it holds the located outline
+   (`lattice_holds_outline`: a notch makes the located one smaller, never larger), steps 2-5 run once
+   more; cells still uneven give ok=False.
 6. Cut: each cell's quadrilateral is mapped back to the frame and resampled once, from the original
    pixels, to cell_size x cell_size; a half cell in its own proportions, then judged as two mirrored
    squares (`cell_views`, model.preprocess.half_cell_views).
@@ -100,6 +101,11 @@ MIN_EDGE_CONTRAST = 0.15  # a gap shallower than this (relative to the cells) ke
 # right grids reached 0.073 (half-cut 0.094); grids cut more than 10 % of a cell wrong, most by an
 # outline notched where dark cells sit at the module's edge, 0.139-0.59.
 MAX_CELL_SIDE_SPREAD = 0.12
+# An outline taken from the grid replaces the located one only if this holds the located one, whose
+# corners may lie this many pitches outside it (a refined outline of a right grid: up to 0.02; a grid
+# configured one column or row short: 0.8-1.1) and this many inside (a notch; a deeper one has no
+# clear gaps left to find the grid by)
+LATTICE_OUTSIDE, LATTICE_INSIDE = 0.25, 1.0
 
 
 @dataclass(frozen=True)
@@ -540,12 +546,14 @@ def grid_and_cut(
     spread = cell_side_spread(x_bounds, y_bounds, (rows, cols), pitches, margins)
     if spread > MAX_CELL_SIDE_SPREAD:
         lattice = lattice_corners(x_axis, y_axis, to_rect, (rows, cols), pitches, margins) if refine else None
-        if lattice is not None:
+        if lattice is not None and lattice_holds_outline(lattice, corners, (rows, cols), grey.shape):
             again = grid_and_cut(
                 grey, lattice, rows, cols, cell_size, modules_in_view, notes, find_edges, refine=False
             )
             if again.ok:
-                refined_note = "outline taken from the grid's gap lines (the located one was notched)"
+                refined_note = (
+                    "outline taken again from the grid's gap lines: the located one gave cells of uneven size"
+                )
                 return replace(again, notes=[*again.notes, refined_note])
         reason = (
             f"the cut cells are not all of one size (a side {spread:.2f} of a cell off the median, at most "
@@ -1102,7 +1110,9 @@ def lattice_corners(
 
     A notched outline (dark cells at the module's edge, outside the located bright region) skews the
     rectification; the crossings of the lines that clearly lie on gaps, mapped to where an even grid
-    puts them, give the module's true projection, and the outline follows from it.
+    puts them, give the module's true projection, and the outline follows from it. Even positions are
+    an approximation (a half-cut module's wider centre gap shifts the lines beyond it by a few percent
+    of a pitch); the second pass finds the lines and edges again from the image.
     """
     rows, cols = grid
     (pitch_x, pitch_y), (margin_x, margin_y) = pitches, margins
@@ -1123,6 +1133,37 @@ def lattice_corners(
     ) + np.array([margin_x, margin_y], np.float32)
     from_even = np.linalg.inv(to_even @ to_rect)
     return cv2.perspectiveTransform(outline.reshape(-1, 1, 2), from_even).reshape(4, 2).astype(np.float32)
+
+
+def lattice_holds_outline(
+    lattice: np.ndarray, located: np.ndarray, grid: tuple[int, int], frame_shape: tuple[int, ...]
+) -> bool:
+    """Whether an outline taken from the grid (`lattice_corners`) may replace the located one: it lies
+    in the frame, and the located outline lies within it, each corner at most LATTICE_OUTSIDE of a
+    pitch outside and LATTICE_INSIDE inside.
+
+    A notch (dark edge cells) only ever makes the located outline smaller than the module. A located
+    outline reaching a pitch beyond the lattice means the grid is short of a row or column (a line
+    configured with one too few), whose even lattice the second pass would find clean, evenly cut and
+    wrong; one far inside it means the lattice was extrapolated from too few lines.
+    """
+    rows, cols = grid
+    height, width = frame_shape[:2]
+    if not np.all(np.isfinite(lattice)):
+        return False
+    if (
+        lattice[:, 0].min() < -1
+        or lattice[:, 1].min() < -1
+        or lattice[:, 0].max() > width
+        or lattice[:, 1].max() > height
+    ):
+        return False  # the module would reach out of the frame: it is cut off, not notched
+    in_pitches = np.array([[0, 0], [cols, 0], [cols, rows], [0, rows]], np.float32)
+    to_pitches = cv2.getPerspectiveTransform(lattice.astype(np.float32), in_pitches)
+    mapped = cv2.perspectiveTransform(located.reshape(-1, 1, 2).astype(np.float32), to_pitches).reshape(4, 2)
+    # how far each located corner lies inside the lattice's corner, in pitches along each axis
+    inward = np.where(in_pitches == 0, mapped, in_pitches - mapped)
+    return bool(np.all(inward >= -LATTICE_OUTSIDE) and np.all(inward <= LATTICE_INSIDE))
 
 
 def cell_side_spread(
