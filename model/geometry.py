@@ -545,7 +545,7 @@ def grid_and_cut(
     pitches, margins = (pitch_x, pitch_y), (margin_x, margin_y)
     spread = cell_side_spread(x_bounds, y_bounds, (rows, cols), pitches, margins)
     if spread > MAX_CELL_SIDE_SPREAD:
-        lattice = lattice_corners(x_axis, y_axis, to_rect, (rows, cols), pitches, margins) if refine else None
+        lattice = lattice_corners(x_axis, y_axis, to_rect, target, pitches, margins) if refine else None
         if lattice is not None and lattice_holds_outline(lattice, corners, (rows, cols), grey.shape):
             again = grid_and_cut(
                 grey, lattice, rows, cols, cell_size, modules_in_view, notes, find_edges, refine=False
@@ -556,9 +556,9 @@ def grid_and_cut(
                 )
                 return replace(again, notes=[*again.notes, refined_note])
         reason = (
-            f"the cut cells are not all of one size (a side {spread:.2f} of a cell off the median, at most "
-            f"{MAX_CELL_SIDE_SPREAD}): the module's outline or a grid line is wrong, e.g. where dark cells "
-            "sit at the module's edge; a person must look at this frame"
+            f"the cut cells are not all of one size (a side {spread:.2f} of the cell pitch off the median, "
+            f"at most {MAX_CELL_SIDE_SPREAD}): the module's outline or a grid line is wrong, e.g. where dark "
+            "cells sit at the module's edge; a person must look at this frame"
         )
         log.info("module geometry refused: %s", reason)
         return ModuleGeometry(False, reason, confidence, rows, cols, corners, [], modules_in_view, notes)
@@ -1101,7 +1101,7 @@ def lattice_corners(
     x_axis: AxisGrid,
     y_axis: AxisGrid,
     to_rect: np.ndarray,
-    grid: tuple[int, int],
+    outline: np.ndarray,
     pitches: tuple[float, float],
     margins: tuple[float, float],
 ) -> np.ndarray | None:
@@ -1112,9 +1112,10 @@ def lattice_corners(
     rectification; the crossings of the lines that clearly lie on gaps, mapped to where an even grid
     puts them, give the module's true projection, and the outline follows from it. Even positions are
     an approximation (a half-cut module's wider centre gap shifts the lines beyond it by a few percent
-    of a pitch); the second pass finds the lines and edges again from the image.
+    of a pitch); the second pass finds the lines and edges again from the image. `outline` is the
+    module's outer corners in the rectified image, where `to_rect` maps the located outline.
     """
-    rows, cols = grid
+    cols, rows = len(x_axis.lines) - 1, len(y_axis.lines) - 1
     (pitch_x, pitch_y), (margin_x, margin_y) = pitches, margins
     vertical = [(k, x_axis.lines[k]) for k in range(1, cols) if x_axis.support[k - 1] >= MIN_CONFIDENCE]
     horizontal = [(k, y_axis.lines[k]) for k in range(1, rows) if y_axis.support[k - 1] >= MIN_CONFIDENCE]
@@ -1128,9 +1129,6 @@ def lattice_corners(
     to_even, _ = cv2.findHomography(found, even, 0)
     if to_even is None:
         return None
-    outline = np.array(
-        [[0, 0], [cols * pitch_x, 0], [cols * pitch_x, rows * pitch_y], [0, rows * pitch_y]], np.float32
-    ) + np.array([margin_x, margin_y], np.float32)
     from_even = np.linalg.inv(to_even @ to_rect)
     return cv2.perspectiveTransform(outline.reshape(-1, 1, 2), from_even).reshape(4, 2).astype(np.float32)
 
