@@ -8,8 +8,11 @@
 #   .gpu/elpv-trainval.tar.gz   python -m datasets.pack write (the test cells never travel)
 #   .gpu/lite0-imagenet.pt.gz   python -m training.slim imagenet efficientnet_lite0 ... --half
 # Give the call a timeout of at least the sweep's deadline_s + 60 s (wheels, unpacking, collecting):
-# what is collected is written after the deadline. The exit status is the sweep's: 1 when a run was
-# stopped at the deadline (its best checkpoint so far is collected all the same).
+# what is collected is written after the deadline. The exit status is the sweep's: 0 when every run
+# finished or was stopped at the deadline with a best checkpoint so far (collected; the summary's outcome
+# says which), 1 when a run crashed or was stopped before its first checkpoint (the sweep names it in an
+# `error:` line), 2 for a bad sweep file; 1 also when the runs' logs could not be archived. Whatever the
+# sweep's status, what it collected and the runs' logs come back.
 #
 # usage: bash training/lent_gpu_sweep.sh SWEEP_FILE DEST [PYTHON]
 # (PVQC_NO_WHEELS=1 skips the wheels: a dry run on a machine that has pydantic)

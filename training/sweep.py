@@ -7,6 +7,11 @@ validation figures. Made for a time-boxed GPU machine, where one small network l
 device idle, so a few recipes cost about the time of one; the release is then chosen on the validation
 figures, never on the test split.
 
+On such a machine runs stopped at the deadline are the plan, not a fault: a run that finished, or was
+stopped with a best.pt so far, is a usable result. The exit status is 0 when every run is one, 1 when a
+run crashed (its own nonzero exit) or left no checkpoint (one `error:` line on stderr per such run names
+it), and 2 for a bad sweep file.
+
 A sweep file (YAML):
 
     deadline_s: 380
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import enum
 import json
 import logging
 import math
@@ -42,6 +48,31 @@ class Run:
     name: str
     config: Path
     overrides: dict[str, Any] = field(default_factory=dict)
+
+
+class Ending(enum.StrEnum):
+    """How a run's process ended: on its own (with exit 0 or not), or stopped by the sweep."""
+
+    FINISHED = "finished"
+    FAILED = "failed"
+    STOPPED = "stopped at the deadline"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One run's ending and, where it ended on its own, its exit status."""
+
+    ending: Ending
+    exit_code: int | None = None
+
+    def __str__(self) -> str:
+        # the summary's wording: 'finished', 'failed (exit N)' or 'stopped at the deadline'
+        return f"failed (exit {self.exit_code})" if self.ending is Ending.FAILED else str(self.ending)
+
+
+def ended(code: int) -> Outcome:
+    """The outcome of a run whose process exited on its own with this status."""
+    return Outcome(Ending.FINISHED, code) if code == 0 else Outcome(Ending.FAILED, code)
 
 
 def read_sweep(path: Path) -> tuple[float, list[Run]]:
@@ -110,23 +141,41 @@ def stop(process: subprocess.Popen[bytes], grace_s: float = 30) -> None:
         process.wait()
 
 
-def wait_all(processes: dict[str, subprocess.Popen[bytes]], deadline: float) -> dict[str, str]:
-    """Each run's outcome: 'finished', 'failed (exit N)' or 'stopped at the deadline'."""
-    outcome: dict[str, str] = {}
+def wait_all(processes: dict[str, subprocess.Popen[bytes]], deadline: float) -> dict[str, Outcome]:
+    """Each run's outcome: finished, failed (its own nonzero exit) or stopped at the deadline."""
+    outcome: dict[str, Outcome] = {}
     while len(outcome) < len(processes):
+        # read before polling: a run that ends on its own by the time it is polled is not 'stopped',
+        # so a crash just before the deadline cannot pass as a planned stop
+        past_deadline = time.monotonic() > deadline
         for name, process in processes.items():
-            if name not in outcome and process.poll() is not None:
-                code = process.returncode
-                outcome[name] = "finished" if code == 0 else f"failed (exit {code})"
+            if name in outcome:
+                continue
+            if process.poll() is not None:
+                outcome[name] = ended(process.returncode)
                 log.info("%s %s", name, outcome[name])
-        if time.monotonic() > deadline:
-            for name, process in processes.items():
-                if name not in outcome:
-                    stop(process)
-                    outcome[name] = "stopped at the deadline"
-                    log.warning("%s stopped at the deadline", name)
-        time.sleep(POLL_SECONDS)
+            elif past_deadline:
+                stop(process)
+                outcome[name] = Outcome(Ending.STOPPED)
+                log.warning("%s stopped at the deadline", name)
+        if len(outcome) < len(processes):
+            time.sleep(POLL_SECONDS)
     return outcome
+
+
+def problem(name: str, outcome: Outcome | None, has_checkpoint: bool, train_log: Path) -> str | None:
+    """What makes a run no usable result, in one line naming it; None when it is one (finished, or
+    stopped at the deadline, with a best.pt to collect). A crash fails the sweep even with a best.pt: the
+    run did not end as its recipe says."""
+    if outcome is None:
+        return f"run {name!r} was not started"
+    if outcome.ending is Ending.FAILED:
+        return f"run {name!r} failed (exit {outcome.exit_code}); its log is {train_log}"
+    if not has_checkpoint and outcome.ending is Ending.STOPPED:
+        return f"run {name!r} was stopped at the deadline before its first checkpoint: nothing to collect"
+    if not has_checkpoint:
+        return f"run {name!r} finished without a best.pt: nothing to collect; its log is {train_log}"
+    return None
 
 
 def best_row(metrics_csv: Path) -> dict[str, float]:
@@ -138,19 +187,33 @@ def best_row(metrics_csv: Path) -> dict[str, float]:
 
 
 def collect(
-    runs: list[Run], work: Path, dest: Path, outcome: dict[str, str], half: bool
+    runs: list[Run], work: Path, dest: Path, outcome: dict[str, Outcome], half: bool
 ) -> list[dict[str, Any]]:
+    """A slim copy of each run's best.pt (a crashed run's too) and summary.json: per run its outcome, its
+    best epoch's figures, whether it is a usable result and, if not, the one-line problem."""
     from training.slim import slim_checkpoint
 
     dest.mkdir(parents=True, exist_ok=True)
     summary = []
     for run in runs:
         entry: dict[str, Any] = {"run": run.name, "config": str(run.config), "set": run.overrides}
-        entry["outcome"] = outcome.get(run.name, "not started")
+        ending = outcome.get(run.name)
+        entry["outcome"] = "not started" if ending is None else str(ending)
         best = work / run.name / "best.pt"
         if best.is_file():
             entry["best"] = best_row(work / run.name / "metrics.csv")
             entry["checkpoint"] = slim_checkpoint(best, dest / f"{run.name}.pt", half)["dest"]
+        trouble = problem(run.name, ending, best.is_file(), work / run.name / "train.log")
+        entry["usable"] = trouble is None
+        if trouble is not None:
+            entry["problem"] = trouble
+        elif ending is not None and ending.ending is Ending.STOPPED:
+            log.info(
+                "%s stopped at the deadline: its best checkpoint so far is collected (epoch %d of %d run)",
+                run.name,
+                entry["best"]["epoch"],
+                entry["best"]["epochs_run"],
+            )
         summary.append(entry)
     (dest / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -174,7 +237,11 @@ def cli(argv: list[str] | None = None) -> int:
     outcome = wait_all(processes, deadline)
     summary = collect(runs, args.work, args.collect, outcome, args.half)
     print(json.dumps(summary))
-    return 0 if all(o == "finished" for o in outcome.values()) else 1
+    # runs stopped at the deadline with a checkpoint are the plan on a time-boxed machine, not a failure
+    troubles = [entry["problem"] for entry in summary if not entry["usable"]]
+    for trouble in troubles:
+        print(f"error: {trouble}", file=sys.stderr)
+    return 1 if troubles else 0
 
 
 if __name__ == "__main__":
