@@ -17,9 +17,14 @@ Owns the path from "an inspection was stored" to every connected screen:
   `sse_replay_events` events for `Last-Event-ID` resumes, bounds its clients (`sse_max_clients`),
   and gives each a bounded queue: a client too slow to keep up is resynced with the latest
   snapshots instead of growing memory.
+- The limit is taken when /events admits a request (`reserve`: check and count in one step, no
+  await between), before its 200: a burst of connects past it gets clean 503s, never a 200 whose
+  stream then fails. The reservation becomes the client's registration when its stream starts, and
+  `end_stream` gives it back when the response ends without starting it.
 - `sse_stream` is one client's byte stream, with a keep-alive comment every
   `sse_keepalive_seconds`; each event reaches it once; a disconnect cancels it (or is seen between
-  events) and its `finally` unregisters the client.
+  events) and its `finally` unregisters the client; `end_stream` closes it when its response ends,
+  so that `finally` runs then even where a cancelled send left it suspended.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -228,8 +233,9 @@ def make_broker(settings: Settings) -> Broker:
 
 
 class Reservation:
-    """One admitted stream's place in the hub's limit until the stream connects, or is dropped unstarted
-    (the route ties `release` to the stream's lifetime, so a client gone before it began frees it)."""
+    """One admitted stream's place in the hub's limit, from admission until the stream connects (the
+    place becomes its registration) or its response ends without starting it (`end_stream`). `release`
+    is the one way out of the count and works once, so every path may call it."""
 
     def __init__(self, hub: LiveEvents) -> None:
         self.hub = hub
@@ -245,9 +251,10 @@ class Reservation:
 
 
 def release_when_dropped(stream: object, reservation: Reservation) -> None:
-    """Free `reservation` once `stream` is garbage: a stream dropped before its body began never runs
-    its `finally`. The finalizer may run in any thread (a cyclic collection on a worker), and the hub's
-    counts belong to the event loop, so the release is handed to the loop."""
+    """Free `reservation` once `stream` is garbage: the backstop for a response that was built but never
+    run (its `end_stream` never called); a response that ran has freed it already. The finalizer may
+    run in any thread (a cyclic collection on a worker), and the hub's counts belong to the event loop,
+    so the release is handed to the loop."""
     loop = asyncio.get_running_loop()
 
     def release() -> None:
@@ -424,12 +431,18 @@ class LiveEvents:
 
     def _refuse_if_full(self) -> None:
         open_streams = len(self.clients) + self.reserved
-        if open_streams >= self.settings.sse_max_clients:
-            raise TooManyClientsError(f"{open_streams} live streams are open, the most this replica serves")
+        limit = self.settings.sse_max_clients
+        if open_streams >= limit:
+            raise TooManyClientsError(
+                f"live stream limit reached: this replica serves at most {limit} streams "
+                f"({open_streams} open or starting); retry later"
+            )
 
     def reserve(self) -> Reservation:
         """A place for one more stream, taken when the request is admitted: the stream's body starts
-        only after the 200 went out, too late to refuse it, so the limit is checked here."""
+        only after the 200 went out, too late to refuse it, so the limit is checked here. Check and
+        count are one step (no await between them on the loop that owns the counts): of a burst of
+        concurrent connects, exactly as many as there are free places get one."""
         self._refuse_if_full()
         self.reserved += 1
         return Reservation(self)
@@ -474,6 +487,19 @@ async def _always_allowed() -> bool:
     return True
 
 
+async def end_stream(stream: AsyncGenerator[bytes, None], reservation: Reservation) -> None:
+    """End one admitted stream for good, whatever ended its response: the stream ran out, the client
+    left (the send was cancelled), or the response failed before the stream began. Closing runs the
+    stream's `finally` (a connected client leaves the hub) even where a cancelled send left it suspended
+    at a `yield`, which would otherwise wait for the garbage collector; a stream that never began never
+    registered, and its reserved place is given back instead. Safe to call more than once."""
+    try:
+        with anyio.CancelScope(shield=True):  # called from a cancelled response: must still finish
+            await stream.aclose()
+    finally:
+        reservation.release()  # a no-op once the stream's start took the place over
+
+
 async def sse_stream(
     hub: LiveEvents,
     line_id: str | None,
@@ -482,9 +508,10 @@ async def sse_stream(
     disconnected: Callable[[], Awaitable[bool]],
     allowed: Callable[[], Awaitable[bool]] = _always_allowed,
     reservation: Reservation | None = None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """One client's stream. It registers only once iterated, so its `finally` always unregisters; the
-    place `reservation` holds (taken when the request was admitted) becomes its registration.
+    place `reservation` holds (taken when the request was admitted) becomes its registration. Whoever
+    serves it closes it with `end_stream`.
 
     `allowed` is asked again every few seconds: a stream outlives the request that checked its key,
     and a revoked key's screen must stop hearing the lines (within the key cache's time).

@@ -4,12 +4,13 @@ a line key's own line), 50 screens under 5 modules/s, and the Redis broker betwe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -282,6 +283,140 @@ def test_line_key_stream_and_client_limit(live: tuple[str, Any]) -> None:
             reader.close()
     # closed screens are noticed and leave the hub (at the latest at the next keep-alive)
     assert line_reader.wait_for(lambda: len(app.state.services.live.clients) == 0, 8)
+
+
+# -- the client limit under a burst of connects -----------------------------------------------------
+
+
+class GatedStreams:
+    """Stands in for the route's `sse_stream`: every stream's body waits for `gate` before it starts.
+
+    A real burst answers its requests and starts their bodies in whatever order the server's tasks
+    run; holding every body back until the test has all the statuses makes that the worst order,
+    every time: all requests answered before any stream registers with the hub."""
+
+    def __init__(self, real: Callable[..., AsyncGenerator[bytes, None]]) -> None:
+        self.real = real
+        self.gate = threading.Event()  # set from the test's thread, read on the server's loop
+
+    def __call__(self, *args: Any, **kwargs: Any) -> AsyncGenerator[bytes, None]:
+        return self._held(args, kwargs)
+
+    async def _held(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+        while not self.gate.is_set():
+            await asyncio.sleep(0.01)
+        # closed with this one: a cancelled wrapper must not leave the real stream to the collector
+        async with contextlib.aclosing(self.real(*args, **kwargs)) as stream:
+            async for chunk in stream:
+                yield chunk
+
+
+@pytest.fixture
+def gated_live(
+    make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, Any, GatedStreams]]:
+    """A service with room for two live streams whose bodies wait for the test's gate."""
+    import serving.routes.events as events_route
+
+    gated = GatedStreams(events_route.sse_stream)
+    monkeypatch.setattr(events_route, "sse_stream", gated)
+    settings = live_settings(make_settings, sse_max_clients=2)
+    app = create_app(settings)
+    with serve_in_thread(settings, app) as address:
+        yield f"http://{address}", app.state.services.live, gated
+
+
+async def _connect(
+    client: httpx.AsyncClient, held: contextlib.AsyncExitStack, count: int
+) -> list[httpx.Response]:
+    """`count` /events requests at once, each kept open on `held` (a 503 too, until read)."""
+    opening = (held.enter_async_context(client.stream("GET", "/events")) for _ in range(count))
+    return list(await asyncio.gather(*opening))
+
+
+async def _first_line_id(response: httpx.Response) -> str:
+    """The line of the first event a stream sends: the stream works, it did not fail after its 200."""
+    async with asyncio.timeout(5):
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                return str(json.loads(line.removeprefix("data: "))["line_id"])
+    raise AssertionError("the stream ended before its first event")
+
+
+async def _until(check: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def _assert_refused(response: httpx.Response, body: bytes) -> None:
+    assert response.headers["Retry-After"] == "5"
+    error = json.loads(body)["error"]
+    assert "at most 2" in error and "retry later" in error, error
+
+
+def test_a_burst_of_connects_past_the_limit_gets_503_not_a_broken_stream(
+    gated_live: tuple[str, Any, GatedStreams],
+) -> None:
+    """Six screens connect at once with room for two: exactly two streams and four clean 503s, even when
+    every request is answered before any stream's body runs; the closed streams give their places back."""
+    base, hub, gated = gated_live
+
+    async def run() -> None:
+        limits = httpx.Limits(max_connections=10)
+        async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=10, limits=limits) as client:
+            async with contextlib.AsyncExitStack() as held:
+                responses = await _connect(client, held, 6)
+                assert sorted(r.status_code for r in responses) == [200, 200, 503, 503, 503, 503]
+                for refused in (r for r in responses if r.status_code == 503):
+                    _assert_refused(refused, await refused.aread())
+                # the two places were taken when the requests were admitted, before any body ran
+                assert len(hub.clients) + hub.reserved == 2
+                gated.gate.set()
+                for admitted in (r for r in responses if r.status_code == 200):
+                    assert await _first_line_id(admitted) in {"L1", "L2"}
+            # the streams closed: the server hears the disconnects and the places are free again
+            assert await _until(lambda: not hub.clients and hub.reserved == 0, 5), (
+                "a closed stream kept its place"
+            )
+            async with contextlib.AsyncExitStack() as held:
+                again = await _connect(client, held, 3)
+                assert sorted(r.status_code for r in again) == [200, 200, 503]
+                for admitted in (r for r in again if r.status_code == 200):
+                    assert await _first_line_id(admitted) in {"L1", "L2"}
+
+    asyncio.run(run())
+
+
+def test_streams_closed_before_their_body_began_free_their_places_without_the_collector(
+    gated_live: tuple[str, Any, GatedStreams],
+) -> None:
+    """Two screens admitted and gone before their streams started: the response that held each place
+    gives it back when it ends, not whenever the garbage collector gets to the unstarted stream."""
+    import gc
+
+    base, hub, gated = gated_live
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=base, headers=AUTH, timeout=10) as client:
+            async with contextlib.AsyncExitStack() as held:
+                responses = await _connect(client, held, 2)
+                assert [r.status_code for r in responses] == [200, 200]
+                assert hub.reserved == 2 and not hub.clients  # admitted, held back before their bodies
+            assert await _until(lambda: hub.reserved == 0, 5), "a place stayed taken until a collection"
+            gated.gate.set()
+            async with contextlib.AsyncExitStack() as held:
+                again = await _connect(client, held, 2)
+                assert [r.status_code for r in again] == [200, 200]
+
+    gc.disable()  # a cyclic collection would free the places whatever the service does
+    try:
+        asyncio.run(run())
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize(
@@ -782,5 +917,35 @@ def test_admitted_streams_count_against_the_limit_before_their_body_starts(
         third.release()
         await started.aclose()
         assert not hub.clients and hub.reserved == 0
+
+    asyncio.run(run())
+
+
+def test_end_stream_frees_the_place_of_a_stream_started_or_not_exactly_once(
+    make_settings: MakeSettings,
+) -> None:
+    """What the /events response runs when it ends: a stream left suspended at a `yield` (its send was
+    cancelled) leaves the hub at once, an unstarted one gives its reserved place back, and ending either
+    again changes no count."""
+    from serving.live import InProcessBroker, LiveEvents, TooManyClientsError, end_stream, sse_stream
+
+    async def run() -> None:
+        hub = LiveEvents(make_settings(sse_max_clients=2), None, InProcessBroker())  # type: ignore[arg-type]
+        first, second = hub.reserve(), hub.reserve()
+        started = sse_stream(hub, None, None, 15.0, _never_disconnected, reservation=first)
+        assert (await anext(started)).startswith(b"retry: ")  # suspended at its first yield
+        unstarted = sse_stream(hub, None, None, 15.0, _never_disconnected, reservation=second)
+        assert len(hub.clients) == 1 and hub.reserved == 1
+        await end_stream(started, first)
+        await end_stream(unstarted, second)
+        assert not hub.clients and hub.reserved == 0
+        await end_stream(started, first)
+        await end_stream(unstarted, second)
+        assert not hub.clients and hub.reserved == 0
+        both = [hub.reserve(), hub.reserve()]  # both places are free again, and no more than both
+        with pytest.raises(TooManyClientsError, match="at most 2 streams"):
+            hub.reserve()
+        for reservation in both:
+            reservation.release()
 
     asyncio.run(run())
