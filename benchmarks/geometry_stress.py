@@ -11,6 +11,9 @@ edge, which the module's outline does not enclose. Each frame is one of:
 - refused: ok=False, with a reason (REVIEW in serving);
 - off: ok, the worst centre 3-10 % off;
 - wrong: ok, a cell centre more than 10 % off (a silent wrong cut).
+Each half-cut frame is also cut as a line configured for whole cells would (`whole_cell_grid`: half the
+cells along the module's long side): every such grid is wrong, and `half_cut_read_as_whole` counts how
+many were accepted.
 Errors are measured in each cell's own sides (`worst_error`), so a half cell's error across its short
 side counts in its short side.
 
@@ -91,6 +94,20 @@ def outcome(frame: SyntheticFrame, cells: ElpvCells) -> tuple[str, float]:
     return ("off" if worst <= WRONG_FROM else "wrong"), worst
 
 
+def whole_cell_grid(spec: FrameSpec) -> tuple[int, int]:
+    """The rows x cols a line configured for whole cells gives a half-cut module: its half cells pair up
+    along the module's long side (6x20 -> 6x10, 24x6 -> 12x6)."""
+    if spec.cols >= spec.rows:
+        return spec.rows, spec.cols // 2
+    return spec.rows // 2, spec.cols
+
+
+def accepted_as_whole(frame: SyntheticFrame, cells: ElpvCells) -> bool:
+    """Whether a half-cut module's frame is cut (ok) under the whole-cell grid: a wrong grid passed."""
+    rows, cols = whole_cell_grid(frame.spec)
+    return cut_module(frame.image, rows, cols, cells.images.shape[1]).ok
+
+
 def main(args: argparse.Namespace) -> dict[str, object]:
     cells = load_elpv()
     brightness = cells.images.reshape(len(cells.images), -1).mean(axis=1)
@@ -98,6 +115,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
     rng = np.random.default_rng(args.seed)
     tally: Counter[str] = Counter()
     dark_tally: Counter[str] = Counter()
+    as_whole: Counter[str] = Counter()
     for number in range(args.frames):
         spec = stress_spec(rng, args.half_cut_share)
         dark_edge = bool(rng.random() < args.dark_edge_share)
@@ -108,6 +126,11 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         dark_tally[kind] += dark_edge
         if kind in ("off", "wrong"):
             log.warning("frame %d (%s, dark edge %s): worst %.3f", number, kind, dark_edge, worst)
+        if spec.half_cut:
+            as_whole["frames"] += 1
+            if accepted_as_whole(frame, cells):
+                as_whole["accepted"] += 1
+                log.warning("frame %d: half-cut %dx%d accepted as whole cells", number, spec.rows, spec.cols)
     return {
         "benchmark": "geometry_stress",
         "frames": args.frames,
@@ -117,6 +140,7 @@ def main(args: argparse.Namespace) -> dict[str, object]:
         **{kind: tally[kind] for kind in ("right", "refused", "off", "wrong")},
         "dark_edge": {kind: dark_tally[kind] for kind in ("right", "refused", "off", "wrong")},
         "silent_wrong_fraction": round(tally["wrong"] / max(1, args.frames), 4),
+        "half_cut_read_as_whole": {"frames": as_whole["frames"], "accepted": as_whole["accepted"]},
     }
 
 

@@ -64,3 +64,13 @@ def test_outcome_measures_each_cell_in_its_own_sides(
     monkeypatch.setattr(stress, "cut_module", lambda *_: shifted_geometry(frame, down))
     got, worst = outcome(frame, cells)
     assert got == kind and worst == pytest.approx(down, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("grid", "whole"), [((6, 20), (6, 10)), ((6, 24), (6, 12)), ((20, 6), (10, 6)), ((24, 6), (12, 6))]
+)
+def test_a_half_cut_module_read_as_whole_cells_pairs_its_halves_along_the_long_side(
+    grid: tuple[int, int], whole: tuple[int, int]
+) -> None:
+    spec = FrameSpec(rows=grid[0], cols=grid[1], cell_px=100, half_cut=True)
+    assert stress.whole_cell_grid(spec) == whole
