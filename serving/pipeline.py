@@ -282,14 +282,16 @@ def _reason(judged: list[CellVerdict]) -> str | None:
 def _persist(
     services: Services, body: bytes, decoded: DecodedImage, row: Inspection, clock: _Clock
 ) -> tuple[Inspection, bool]:
-    # the frame file first: a committed row must never point at a missing file
+    # the frame written and fsynced first, under a private name: insert_inspection gives it its
+    # content-addressed name before the commit (a committed row never points at a missing file) and
+    # removes it if a concurrent twin won (a loser leaves no file nobody references)
     digest = sha256_hex(body)
-    services.frames.save(body, digest, decoded.image_type.extension)
+    staged = services.frames.stage(body, digest, decoded.image_type.extension)
     row.frame_sha256 = digest
     clock.lap("store_frame")
     clock.total()
     row.timings_ms = dict(clock.ms)  # everything but the commit itself, which cannot time its own row
-    return insert_inspection(services.sessions, row)
+    return insert_inspection(services.sessions, row, staged)
 
 
 def _count(services: Services, row: Inspection) -> None:

@@ -1,9 +1,14 @@
 """Durable storage of inspections: content-addressed frame files and the database rows.
 
-Owns: writing a frame file (temp file, fsync, rename, fsync of the folder: after `save_frame`
-returns the bytes survive kill -9 and power loss; a failed write removes its temp file), the
-idempotent insert keyed on (line, serial, frame id), and the read queries (lists, one inspection,
-pass-rate statistics).
+Owns: writing a frame file in two steps (staged: written and fsynced under a private name in its
+final folder; published: renamed to its content-addressed name and the folder fsynced, after which
+the bytes survive kill -9 and power loss; a failed write removes its private file), the idempotent
+insert keyed on (line, serial, frame id) that publishes the frame only once its row is certain, and
+the read queries (lists, one inspection, pass-rate statistics).
+
+The service never deletes a content-addressed frame: another row with identical bytes may reference
+it, or be about to, and no check of that is free of races. A request that loses (a concurrent twin,
+a failed insert) removes only its own staged file, which nothing else can name.
 All functions here block: routes call them through `anyio.to_thread`.
 """
 
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import uuid
 from collections import Counter
@@ -25,9 +31,49 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from serving.db import Inspection
 from serving.verdicts import InspectionKind, ModuleVerdict
 
+log = logging.getLogger(__name__)
+
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+class StagedFrame:
+    """A frame on its way into the store: written and fsynced under a private name beside `path`.
+
+    Owns the last two steps of one frame write: `publish` gives it its content-addressed name,
+    `discard` removes the private file. `temporary` is None when identical bytes were stored already
+    (then there is nothing to publish or discard: the stored file is never removed).
+    """
+
+    def __init__(self, path: Path, temporary: Path | None) -> None:
+        self.path = path
+        self.temporary = temporary
+
+    def publish(self) -> Path:
+        """Rename the private file to its content-addressed name and make the rename durable."""
+        if self.temporary is None:
+            return self.path
+        try:
+            # atomic: readers see the whole file or none; a replica that published the same bytes
+            # meanwhile is replaced by identical bytes
+            self.temporary.replace(self.path)
+        except BaseException:
+            self.discard()
+            raise
+        self.temporary = None
+        _fsync_dir(self.path.parent)
+        return self.path
+
+    def discard(self) -> None:
+        """Remove the private file; a published or already stored frame is left alone."""
+        if self.temporary is None:
+            return
+        # a full or failing disk (ENOSPC, EIO) must not also collect orphans, one per retry; the caller
+        # learns the original error, not one from the clean-up
+        with contextlib.suppress(OSError):
+            self.temporary.unlink(missing_ok=True)
+        self.temporary = None
 
 
 class FrameStore:
@@ -41,27 +87,34 @@ class FrameStore:
         return self.root / digest[:2] / digest[2:4] / f"{digest}.{extension}"
 
     def save(self, data: bytes, digest: str, extension: str) -> Path:
+        """Stage and publish at once, for a frame that needs no row to be kept."""
+        return self.stage(data, digest, extension).publish()
+
+    def stage(self, data: bytes, digest: str, extension: str) -> StagedFrame:
+        """Write and fsync the bytes under a private name in their final folder (not yet findable).
+
+        The slow part of a frame write (up to 64 MB and its fsync) happens here, outside any database
+        transaction; publishing is then a rename and one folder fsync.
+        """
         path = self.path_for(digest, extension)
-        if path.exists():
-            return path
+        if path.exists():  # stored before, and never deleted: identical bytes need no second copy
+            return StagedFrame(path, None)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # the two-level fan-out folders may be new: their names are made durable now, so that
+        # publishing needs only the leaf folder's fsync
+        _fsync_dir(path.parent.parent)
+        _fsync_dir(path.parent.parent.parent)
         temporary = path.with_name(f".{digest}.{uuid.uuid4().hex}.tmp")
+        staged = StagedFrame(path, temporary)
         try:
             with temporary.open("wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            temporary.replace(path)  # atomic: readers see the whole file or none
         except BaseException:
-            # a full or failing disk (ENOSPC, EIO) must not also collect orphans, one per retry; the
-            # caller learns the original error, not one from the clean-up
-            with contextlib.suppress(OSError):
-                temporary.unlink(missing_ok=True)
+            staged.discard()
             raise
-        _fsync_dir(path.parent)
-        _fsync_dir(path.parent.parent)  # the two-level fan-out folders may be new too
-        _fsync_dir(path.parent.parent.parent)
-        return path
+        return staged
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -86,18 +139,41 @@ def find_existing(
         return session.scalars(statement).first()
 
 
-def insert_inspection(sessions: sessionmaker[Session], inspection: Inspection) -> tuple[Inspection, bool]:
-    """(stored row, created); a concurrent twin of the same (line, serial, frame) wins the race."""
+def insert_inspection(
+    sessions: sessionmaker[Session], inspection: Inspection, frame: StagedFrame
+) -> tuple[Inspection, bool]:
+    """(stored row, created): the row with its published frame, or a concurrent twin's row that won.
+
+    The order keeps both promises: a committed row never lacks its file, and a loser leaves no file.
+    The INSERT is flushed first; from then on this transaction holds the row's (line, serial, frame
+    id): on PostgreSQL a twin's INSERT waits on the unique index for this commit or rollback (across
+    replicas too), on SQLite the database's single write lock makes every writer wait. Only then is
+    the staged frame given its content-addressed name, and only after that is the row committed. A
+    twin therefore learns it lost only after the winner's commit, with the winner's file in place,
+    and it removes only its own staged file. A crash at any step leaves at worst an unreferenced file.
+    """
     with sessions() as session:
         session.add(inspection)
         try:
-            session.commit()
+            session.flush()
         except IntegrityError:
             session.rollback()
+            frame.discard()
             existing = find_existing(sessions, inspection.line_id, inspection.serial, inspection.frame_id)
             if existing is None:
                 raise
             return existing, False
+        except BaseException:
+            frame.discard()
+            raise
+        frame.publish()  # on failure the session's close rolls the row back
+        try:
+            session.commit()
+        except BaseException:
+            # published but not committed (the database went away): the file may also be another
+            # row's, so it stays; an unreferenced file is the only cost
+            log.warning("frame %s was stored but its inspection was not committed", frame.path.name)
+            raise
         session.refresh(inspection)
         _ = inspection.cells  # load before the session closes
         return inspection, True

@@ -1,4 +1,5 @@
-"""kill -9 during load loses no acknowledged inspection: every 201 is found after a restart.
+"""kill -9 during load loses no acknowledged inspection: every 201 is found after a restart; a failed
+frame write or a lost race leaves no file that no row references.
 
 The service runs as `pvqc serve` in a subprocess (uvicorn) on 127.0.0.1 and a free port, with the
 tiny model and its own var/ folder; clients post modules from threads until the process is killed.
@@ -20,9 +21,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
 from serving.cli import wait_until_ready
-from serving.store import FrameStore, sha256_hex
+from serving.db import Inspection, make_engine, upgrade_head, utcnow
+from serving.store import FrameStore, StagedFrame, insert_inspection, sha256_hex
 from tests.serving.conftest import free_port
 from tests.serving.helpers import ADMIN_KEY, AUTH, BRIGHT, DARK, module_frame, png
 
@@ -139,3 +142,98 @@ def test_a_failed_frame_write_leaves_no_temporary_file(
         store.save(b"frame bytes", sha256_hex(b"frame bytes"), "png")
     monkeypatch.undo()
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == []  # no orphan .tmp file
+
+
+def inspection_row(serial: str, data: bytes) -> Inspection:
+    """A module inspection of frame "1" on line L1 whose frame is `data`."""
+    return Inspection(
+        line_id="L1",
+        serial=serial,
+        frame_id="1",
+        kind="module",
+        verdict="PASS",
+        rows=6,
+        cols=10,
+        n_defective=0,
+        n_uncertain=0,
+        model_name="pvqc-cell",
+        model_version="0.0.0-test",
+        threshold=0.7,
+        review_threshold=0.4,
+        frame_sha256=sha256_hex(data),
+        frame_content_type="image/png",
+        frame_width=1,
+        frame_height=1,
+        geometry_ok=True,
+        timings_ms={},
+        created_at=utcnow(),
+        cells=[],
+    )
+
+
+def test_a_twin_that_loses_the_race_leaves_no_file(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(database_url)
+    try:
+        upgrade_head(engine)
+        sessions = sessionmaker(engine, expire_on_commit=False)
+        store = FrameStore(tmp_path / "frames")
+        shared, winning, losing = b"another module's frame", b"the winner's frame", b"the loser's frame"
+        insert_inspection(
+            sessions, inspection_row("S2", shared), store.stage(shared, sha256_hex(shared), "png")
+        )
+        outcomes = race_twins(sessions, store, winning, losing, monkeypatch)
+        assert outcomes == {"winner": (sha256_hex(winning), True), "loser": (sha256_hex(winning), False)}
+        on_disk = {p.name for p in store.root.rglob("*") if p.is_file()}
+        # the winner's and the other module's frames stay; the loser's staged file is gone
+        assert on_disk == {f"{sha256_hex(data)}.png" for data in (shared, winning)}
+    finally:
+        engine.dispose()  # PostgreSQL: the fixture drops the tables next
+
+
+def race_twins(
+    sessions: sessionmaker[Session],
+    store: FrameStore,
+    winning: bytes,
+    losing: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, tuple[str, bool] | BaseException]:
+    """Insert twins of (L1, S1, 1): the loser starts once the winner has published its frame and
+    before it commits. Returns each one's (stored frame sha256, created) or exception."""
+    published, release = threading.Event(), threading.Event()
+    publish = StagedFrame.publish
+
+    def publish_then_wait(frame: StagedFrame) -> Path:
+        path = publish(frame)
+        if path.name.startswith(sha256_hex(winning)):
+            published.set()
+            release.wait(timeout=30)
+        return path
+
+    monkeypatch.setattr(StagedFrame, "publish", publish_then_wait)
+    outcomes: dict[str, tuple[str, bool] | BaseException] = {}
+
+    def insert(name: str, data: bytes) -> None:
+        try:
+            row, created = insert_inspection(
+                sessions, inspection_row("S1", data), store.stage(data, sha256_hex(data), "png")
+            )
+            outcomes[name] = (row.frame_sha256, created)
+        except BaseException as exc:  # the caller's assertion names it
+            outcomes[name] = exc
+
+    winner = threading.Thread(target=insert, args=("winner", winning))
+    loser = threading.Thread(target=insert, args=("loser", losing))
+    try:
+        winner.start()
+        assert published.wait(timeout=30), f"the winner never published its frame: {outcomes}"
+        loser.start()
+        loser.join(timeout=0.5)
+        # the winner's flushed INSERT holds the twin's key (PostgreSQL) or the write lock (SQLite)
+        assert loser.is_alive(), f"the loser did not wait for the winner's commit: {outcomes}"
+    finally:
+        release.set()
+        winner.join(timeout=30)
+        loser.join(timeout=60)
+    return outcomes

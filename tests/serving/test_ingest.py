@@ -9,7 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
+from serving import pipeline
+from serving.db import Inspection
 from tests.serving.helpers import (
     AUTH,
     BRIGHT,
@@ -151,6 +154,38 @@ def test_repost_with_another_image_under_the_same_ids_is_refused(client: TestCli
     assert "already judged from another image" in reshot.json()["error"]
     assert "new X-Frame-Id" in reshot.json()["error"]
     assert len(client.get("/inspections", params={"line_id": "L1"}).json()["items"]) == 1
+
+
+def frame_files(client: TestClient) -> set[str]:
+    """Names of the files in the frame store (previews aside): temporary ones count too."""
+    root = client.app.state.services.frames.root  # type: ignore[attr-defined]
+    return {p.name for p in root.rglob("*") if p.is_file() and "previews" not in p.relative_to(root).parts}
+
+
+def stored_digests(client: TestClient) -> set[str]:
+    services = client.app.state.services  # type: ignore[attr-defined]
+    with services.sessions() as session:
+        return set(session.scalars(select(Inspection.frame_sha256)))
+
+
+def test_a_losing_twin_with_another_image_leaves_no_frame_file(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = png(module_frame(levels(r1c1=DARK)))  # stored by another module, then posted by a loser
+    assert post_module(client, shared, serial="S8", frame="A").status_code == 201
+    assert post_module(client, png(module_frame(levels())), serial="S7", frame="A").status_code == 201
+    # the race: each loser looked for a stored (line, serial, frame id) before the winner committed,
+    # so it decodes, judges and stores its frame, and learns only at its INSERT that it lost
+    monkeypatch.setattr(pipeline, "find_existing", lambda *_args: None)
+    for body in (png(module_frame(levels(r2c3=DARK))), shared):
+        loser = post_module(client, body, serial="S7", frame="A")
+        assert loser.status_code == 409, loser.text
+        assert "already judged from another image" in loser.json()["error"]
+    digests = stored_digests(client)
+    assert len(digests) == 2
+    # every file on disk is a row's frame: the winner's and the other module's stay, the loser's
+    # own frame is gone, and no temporary file is left
+    assert frame_files(client) == {f"{digest}.png" for digest in digests}
 
 
 class NanSession:
