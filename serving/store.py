@@ -53,6 +53,9 @@ class StagedFrame:
     def publish(self) -> Path:
         """Rename the private file to its content-addressed name and make the rename durable."""
         if self.temporary is None:
+            # stored before, perhaps by a request that renamed it an instant ago and is still in its
+            # folder fsync: this row must not commit before that name is durable, so sync it again
+            _fsync_dir(self.path.parent)
             return self.path
         try:
             # atomic: readers see the whole file or none; a replica that published the same bytes
@@ -157,8 +160,10 @@ def insert_inspection(
         try:
             session.flush()
         except IntegrityError:
-            session.rollback()
-            frame.discard()
+            try:
+                session.rollback()
+            finally:  # a rollback on a dropped connection raises: the staged file goes all the same
+                frame.discard()
             existing = find_existing(sessions, inspection.line_id, inspection.serial, inspection.frame_id)
             if existing is None:
                 raise
@@ -170,9 +175,9 @@ def insert_inspection(
         try:
             session.commit()
         except BaseException:
-            # published but not committed (the database went away): the file may also be another
-            # row's, so it stays; an unreferenced file is the only cost
-            log.warning("frame %s was stored but its inspection was not committed", frame.path.name)
+            # published, and the commit failed or its outcome is unknown (a connection lost during
+            # COMMIT): the file may be this row's or another's, so it stays; at worst it is unreferenced
+            log.warning("frame %s was stored; its inspection's commit failed or is in doubt", frame.path.name)
             raise
         session.refresh(inspection)
         _ = inspection.cells  # load before the session closes
