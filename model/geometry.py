@@ -78,13 +78,6 @@ NEAR_TIE = 0.9  # a second module at least this fraction of the largest's area t
 MIN_CONFIDENCE = 0.55  # below this the found gaps do not support the configured grid
 SUBDIVISIONS = (2, 3)  # a grid this many times finer is checked for gaps inside the configured cells
 MAX_HIDDEN_SUPPORT = 0.5  # ... and refused when its extra lines are supported as often as this
-# ... or by a third of the bands if they are more than half as dark as the configured gaps too. On a
-# module of six strings each line has only six bands to vote: of 600 half-cut modules read as whole cells,
-# some scored 0.45-0.5 with extra lines 0.62-0.7 as dark; right grids, whose extra lines lie on busbars,
-# scored 0.30 and 0.46 at most (the real two-module frame; 600 generated frames: 0.10 and 0.48). A right
-# grid need fail only one of the two.
-HIDDEN_SUPPORT_WHEN_DARK = 0.35
-HIDDEN_AS_DARK = 0.55
 FINER_DARKNESS = 0.6  # a grid 2x/3x too fine: its off-gap lines are less than this as dark as the rest
 # ... and so much fainter than this that their support cannot vouch for them: busbars, whose support
 # is inflated when the gap reference itself comes from the strongest lines of a too-fine grid
@@ -592,9 +585,9 @@ def grid_problem(
                 f"(the module shows {count // every} {name}, not {count}); check the line's rows and cols"
             )
     finer = []
-    if shows_finer_grid(x_axis):
+    if x_axis.hidden >= MAX_HIDDEN_SUPPORT:
         finer.append(f"more than {cols} columns")
-    if shows_finer_grid(y_axis):
+    if y_axis.hidden >= MAX_HIDDEN_SUPPORT:
         finer.append(f"more than {rows} rows")
     if finer:
         return (
@@ -616,14 +609,6 @@ def grid_problem(
                         "a dark margin around the module so its outline can be found"
                     )
     return None
-
-
-def shows_finer_grid(axis: AxisGrid) -> bool:
-    """Whether the extra lines of a 2x or 3x finer grid lie on gaps between cells: supported as often as
-    MAX_HIDDEN_SUPPORT, or less often but about as dark as the configured gaps. Busbars are neither."""
-    if axis.hidden >= MAX_HIDDEN_SUPPORT:
-        return True
-    return axis.hidden >= HIDDEN_SUPPORT_WHEN_DARK and axis.hidden_darkness >= HIDDEN_AS_DARK
 
 
 def only_every(axis: AxisGrid) -> int | None:
@@ -664,8 +649,6 @@ class AxisGrid:
     support: list[float]  # per inner line: the share of bands with a clear gap on it
     hidden: float  # the largest mean support of the lines a SUBDIVISIONS-finer grid would add
     darkness: list[float]  # per inner line: the median over bands of its valley's strength
-    # the median darkness of that finer grid's extra lines, as a fraction of the inner lines' median
-    hidden_darkness: float = 0.0
 
 
 def grid_lines(
@@ -722,11 +705,8 @@ def grid_lines(
     chain_weak_lines(lines, supports, darkness, search, pitch, margin)
     if find_edges and count >= 3:
         lines[0], lines[-1] = steady_edges(lines)
-    hidden, hidden_darkness = 0.0, 0.0
-    if count >= 2:
-        hidden, extra_darkness = hidden_support(strengths, references, centres, lines, pitch)
-        hidden_darkness = extra_darkness / max(float(np.median(darkness)), 1e-6)
-    return AxisGrid(lines, supports, hidden, darkness, hidden_darkness)
+    hidden = hidden_support(strengths, references, centres, lines, pitch) if count >= 2 else 0.0
+    return AxisGrid(lines, supports, hidden, darkness)
 
 
 @dataclass(frozen=True)
@@ -812,9 +792,8 @@ def hidden_support(
     centres: np.ndarray,
     lines: list[tuple[float, float]],
     pitch: float,
-) -> tuple[float, float]:
-    """How well the extra lines of a 2x or 3x finer grid are supported, for the finer grid that fits
-    best: (mean support, median darkness of its extra lines).
+) -> float:
+    """How well the extra lines of a 2x or 3x finer grid are supported, the finer grid that fits best.
 
     Each extra line is searched and judged exactly as a configured one (clear, as dark as this band's
     gaps, on a straight line), in a window narrowed to its finer pitch around where it would lie between
@@ -823,12 +802,12 @@ def hidden_support(
     right grid scores low here; a grid too coarse scores as high as on its own lines. Needs count >= 2:
     the band's gap darkness is the yardstick.
     """
-    best = (0.0, 0.0)
+    best = 0.0
     stacked = np.asarray(strengths)
     for parts in SUBDIVISIONS:
         fine = pitch / parts
         window = max(2, round(SEARCH_FRACTION * fine))
-        supports, darkness = [], []
+        supports = []
         for (first, first_slope), (second, second_slope) in itertools.pairwise(lines):
             for j in range(1, parts):
                 share = j / parts
@@ -838,9 +817,7 @@ def hidden_support(
                 found = valleys_along(stacked, expected, window)
                 _, support = fit_line(centres, found, float(np.mean(expected)), fine, references)
                 supports.append(support)
-                darkness.append(float(np.median([strength for _, strength in found])))
-        if float(np.mean(supports)) > best[0] or parts == SUBDIVISIONS[0]:
-            best = (float(np.mean(supports)), float(np.median(darkness)))
+        best = max(best, float(np.mean(supports)))
     return best
 
 

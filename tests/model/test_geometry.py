@@ -17,7 +17,6 @@ import model.geometry as geometry_module
 from datasets.elpv import ElpvCells, load_elpv
 from datasets.synthetic import FrameSpec, SyntheticFrame, generate_frames, half_of, render_frame
 from model.geometry import (
-    AxisGrid,
     ModuleGeometry,
     band_valleys,
     cell_side_spread,
@@ -27,7 +26,6 @@ from model.geometry import (
     grid_and_cut,
     lattice_holds_outline,
     profile_edges,
-    shows_finer_grid,
     valleys_along,
 )
 
@@ -347,6 +345,33 @@ def test_real_two_module_frame_finds_both_10x6() -> None:
     np.testing.assert_allclose(largest.corners, modules[0].corners)
 
 
+@pytest.mark.parametrize(
+    ("scale", "gamma", "blur"),
+    [(0.5563, 1.4896, 5), (0.5563, 2.0, 3), (1.0, 2.0, 3), (0.8, 1.75, 0)],
+)
+def test_real_busbars_blurred_and_darkened_are_not_taken_for_half_cut_gaps(
+    scale: float, gamma: float, blur: int
+) -> None:
+    # a low-cost camera's copy of the two-module frame: smaller, darker, blurred, JPEG 30. Its busbars
+    # then read as gaps in up to 38 % of the bands (a finer grid is shown from 50 %) and as 70 % as dark
+    # as the gaps: a rule that also counted darkness refused the first of these right grids. A refusal
+    # for too little gap support is an honest REVIEW; taking busbars for gaps would refuse a line's
+    # every module
+    frame = read_frame("pvinspect-two-modules-6x10.tif")
+    height, width = frame.shape
+    turn = cv2.getRotationMatrix2D((width / 2, height / 2), -0.26, scale)
+    background = int(np.percentile(frame, 5))
+    smaller = cv2.warpAffine(frame, turn, (width, height), flags=cv2.INTER_AREA, borderValue=background)
+    darker = 255 * (smaller / 255.0) ** gamma
+    if blur:
+        darker = cv2.GaussianBlur(darker, (blur, blur), 0)
+    encoded = cv2.imencode(".jpg", darker.astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 30])[1]
+    degraded = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
+    modules = find_modules(degraded, 10, 6, CELL)
+    assert len(modules) == 2 and any(m.ok for m in modules), [m.reason for m in modules]
+    assert not any("inside its cells" in (m.reason or "") for m in modules), [m.reason for m in modules]
+
+
 def test_real_low_cost_camera_frame_gives_grid_or_reason() -> None:
     frame = read_frame("hobbs-rpi-camera-05.jpg")
     for rows, cols in ((8, 4), (6, 10)):
@@ -444,13 +469,12 @@ def test_half_cut_module_read_as_full_cells_is_refused(cells: ElpvCells) -> None
     assert "half-cut" in (geometry.reason or "")
 
 
-@pytest.mark.parametrize("seed", [23, 28, 38])
-def test_a_half_cut_module_whose_half_gaps_few_bands_vouch_for_is_still_refused_as_whole_cells(
+@pytest.mark.parametrize("seed", [33, 34, 57])
+def test_a_half_cut_module_is_searched_for_half_gaps_between_the_found_lines(
     cells: ElpvCells, seed: int
 ) -> None:
-    # six strings give each line six bands to vote; these half-gaps are found in only 40-50 % of them
-    # (a cut edge has no dark border), under the support a finer grid needed on its own, but they are
-    # as dark as the configured gaps: the old rule passed all three as a 6x12 module of whole cells
+    # the wider centre gap moves the half-gaps near it off their even positions by about the search
+    # window: searched there, too few were found and these three were passed as 6x12 whole cells
     spec = FrameSpec(rows=6, cols=24, cell_px=120, rotation_deg=3, noise_sigma=3, half_cut=True)
     frame = render_frame(cells, spec, np.random.default_rng(seed))
     assert cut_module(frame.image, 6, 24, CELL).ok
@@ -478,24 +502,6 @@ def test_valleys_along_a_tilted_line_are_each_bands_own_valley(
     along = valleys_along(strengths, expected, window)
     one_by_one = [band_valleys(strengths[b : b + 1], float(expected[b]), window)[0] for b in range(bands)]
     np.testing.assert_allclose(np.array(along), np.array(one_by_one), atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    ("hidden", "darkness", "finer"),
-    [
-        (0.5, 0.1, True),  # supported as often as the rule asks, however faint
-        (0.45, 0.62, True),  # half-cut modules read as whole cells, the weakest seen
-        (0.30, 0.46, False),  # busbars of the real two-module frame under its right grid
-        (0.10, 0.48, False),  # busbars of generated frames under right grids
-        (0.34, 0.9, False),
-        (0.9, 0.0, True),
-    ],
-)
-def test_a_finer_grid_needs_support_or_support_and_darkness(
-    hidden: float, darkness: float, finer: bool
-) -> None:
-    axis = AxisGrid([(0.0, 0.0), (80.0, 0.0), (160.0, 0.0)], [1.0], hidden, [0.6], darkness)
-    assert shows_finer_grid(axis) is finer
 
 
 @pytest.mark.parametrize(
