@@ -1,8 +1,9 @@
 """The FastAPI application: `create_app(settings)` and the lifespan that owns every heavy object.
 
 Owns: start-up (Alembic `upgrade head`, the first admin key, the database engine, the frame store,
-the onnxruntime session and its micro-batcher, metrics, the live-event hub and its broker, and with
-a model registry configured the follower that hot-swaps the served model) and orderly shutdown,
+the onnxruntime session and its micro-batcher, metrics, the live-event hub and its broker, with
+a model registry configured the follower that hot-swaps the served model, and with a frame
+retention configured the pruner that deletes old PASS frames) and orderly shutdown,
 gathered in one `Services` object on `app.state.services` that routes reach through
 `serving.deps`; which routers and static files the app serves. Nothing heavy is created at import
 time.
@@ -33,6 +34,7 @@ from serving.events import EventPublisher, InspectionCompleted
 from serving.inference import MicroBatcher, ModelRuntime, load_runtime
 from serving.live import LiveEvents, make_broker
 from serving.metrics import ServiceMetrics
+from serving.retention import FramePruner
 from serving.settings import Settings
 from serving.store import FrameStore
 from serving.views import PreviewCache
@@ -61,6 +63,8 @@ class Services:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # background work (shadow scoring)
     listeners: list[EventPublisher] = field(default_factory=list)  # besides the live hub
     live: LiveEvents | None = None  # set by the lifespan: it needs the running event loop
+    # set by the lifespan when PVQC_FRAME_RETENTION_DAYS is set: deletes old PASS frames in the background
+    retention: FramePruner | None = None
     # decoding and geometry of frames share this many worker threads (settings.frame_workers), so
     # a burst of large frames waits instead of converting all at once; set by the lifespan
     frame_limiter: anyio.CapacityLimiter | None = None
@@ -137,6 +141,29 @@ def start_services(settings: Settings, publisher: EventPublisher | None) -> Serv
     )
 
 
+def start_retention(services: Services) -> FramePruner | None:
+    """The frame pruner, running (its first pass now), when the factory chose a retention; else None:
+    by default every frame is kept."""
+    settings = services.settings
+    if settings.frame_retention_days is None:
+        return None
+    pruner = FramePruner(
+        services.sessions,
+        services.frames,
+        settings,
+        previews=services.previews.root,
+        observe=services.metrics.observe_pruned,
+    )
+    pruner.start()
+    log.info(
+        "frame retention on: frames of unflagged, unreviewed PASS modules older than %d day(s) are "
+        "deleted every %.0f s",
+        settings.frame_retention_days,
+        settings.frame_retention_interval_seconds,
+    )
+    return pruner
+
+
 def served_model_dir(settings: Settings) -> Path:
     """The registry's active version when a registry is configured and names one, else model_dir."""
     if settings.model_registry is not None:
@@ -198,6 +225,7 @@ def create_app(settings: Settings | None = None, publisher: EventPublisher | Non
                 # sees rather than a race with a first poll still pending
                 await services.follower.check()
                 follow = asyncio.create_task(services.follower.run(), name="pvqc-model-follower")
+            services.retention = start_retention(services)
             app.state.services = services
             yield
         finally:
@@ -206,6 +234,8 @@ def create_app(settings: Settings | None = None, publisher: EventPublisher | Non
                 follow.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await follow
+            if services.retention is not None:
+                await services.retention.stop()
             await live.stop()
             await anyio.to_thread.run_sync(stop_services, services)
 

@@ -1,6 +1,7 @@
 """The inspection store's tables and engine: SQLAlchemy 2 models, engine set-up, Alembic upgrade.
 
-Owns: the `inspections` and `inspection_cells` tables, the `api_keys` table, the append-only
+Owns: the `inspections` and `inspection_cells` tables (an inspection's frame may be pruned by the
+retention policy: `frame_pruned_at`), the `api_keys` table, the append-only
 `review_decisions` audit table, the `shadow_results` of a shadow model (the migrations in
 `serving/migrations` create them; these models must match), how an engine is made durable on
 SQLite (WAL + synchronous FULL, so a committed row survives kill -9 and power loss) and
@@ -68,13 +69,24 @@ class Base(DeclarativeBase):
 
 
 class Inspection(Base):
-    """One accepted frame (module or single cell) and its verdict; written once, never updated."""
+    """One accepted frame (module or single cell) and its verdict; written once, never updated, except
+    that the frame retention pass (serving/retention.py) stamps `frame_pruned_at` when it deletes the
+    frame file: the verdict and cells stay as they were answered."""
 
     __tablename__ = "inspections"
     __table_args__ = (
         UniqueConstraint("line_id", "serial", "frame_id", name="uq_inspections_line_serial_frame"),
         Index("ix_inspections_line_created", "line_id", "created_at"),
         Index("ix_inspections_verdict_created", "verdict", "created_at"),
+        # the retention pass looks for old PASS rows whose frame is still stored; pruned rows pile up
+        # forever, so they are left out of this index (migration 0005)
+        Index(
+            "ix_inspections_unpruned_verdict_created",
+            "verdict",
+            "created_at",
+            postgresql_where=text("frame_pruned_at IS NULL"),
+            sqlite_where=text("frame_pruned_at IS NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
@@ -104,6 +116,8 @@ class Inspection(Base):
     geometry_notes: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     timings_ms: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # when the retention policy deleted the frame file (serving/retention.py); None: the frame is kept
+    frame_pruned_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     cells: Mapped[list[InspectionCell]] = relationship(
         back_populates="inspection", order_by="InspectionCell.position", cascade="all, delete-orphan"

@@ -14,6 +14,11 @@ Owns: the export format that `datasets/reviewed.py` reads, and writing it from t
 - `exports.jsonl`: one line per export run (when, format, line filter, how many cells new, reused,
   dropped).
 
+Frames that are gone: a module whose frame the retention policy removed (serving/retention.py keeps
+reviewed modules' frames, but a module can be reviewed after its frame was pruned) keeps the cells an
+earlier export cut, and its other cells are left out; it is counted in `pruned_frames`, not as a
+failure. A frame missing for any other reason is counted in `skipped_frames` (exit status 1).
+
 Labels: a cell an engineer labelled takes that label (the latest decision wins). A module decided
 PASS makes its other cells functional; a module decided FAIL confirms the model's clear verdicts
 of its other cells (uncertain ones stay out: nobody said what they are).
@@ -48,7 +53,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from model.preprocess import INPUT_SIZE
-from serving.db import make_engine
+from serving.db import Inspection, make_engine
 from serving.images import ImageRejectedError, ImageType, decode_image
 from serving.review import CellLabel, ReviewedModule, ReviewedVerdict, cell_key, reviewed_labels
 from serving.settings import Settings
@@ -81,7 +86,8 @@ class ExportSummary:
     new: int
     reused: int
     modules: int
-    skipped_frames: int
+    skipped_frames: int  # frames missing or undecodable: some cells could not be cut
+    pruned_frames: int = 0  # frames the retention policy removed: their new cells are left out
 
 
 def cell_labels(module: ReviewedModule) -> dict[str, dict[str, Any]]:
@@ -186,7 +192,7 @@ def export_reviewed(
     (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
     previous = read_manifest(out)
     records: list[dict[str, Any]] = []
-    new = reused = skipped = modules = 0
+    new = reused = skipped = pruned = modules = 0
     while page:
         for module in page:
             inspection = module.inspection
@@ -195,6 +201,7 @@ def export_reviewed(
                 continue
             modules += 1
             grey: np.ndarray | None = None
+            frame_gone = False  # then cells cut before stay, and those not cut yet are left out
             for cell in inspection.cells:
                 key = cell_key(cell.row, cell.col)
                 if key not in labels or cell.polygon is None:
@@ -218,13 +225,17 @@ def export_reviewed(
                     digest = earlier["sha256"]
                     reused += 1
                 else:
+                    if frame_gone:
+                        continue
                     if grey is None:
-                        grey = load_frame(
-                            frames, inspection.frame_sha256, inspection.frame_content_type, max_pixels
-                        )
+                        grey = load_frame(frames, inspection, max_pixels)
                         if grey is None:
-                            skipped += 1
-                            break
+                            frame_gone = True
+                            if inspection.frame_pruned_at is not None:
+                                pruned += 1
+                            else:
+                                skipped += 1
+                            continue
                     # a half cell in its own proportions: the reader makes the views serving judged
                     whole_frame = inspection.kind == InspectionKind.CELL.value
                     image = stored_cell_picture(grey, polygon, cell_size, whole_frame)
@@ -262,7 +273,7 @@ def export_reviewed(
     # the folder's identity first: a manifest is never there without the filter it was written with
     write_atomically(out / FOLDER_FILE, json.dumps(folder, sort_keys=True) + "\n")
     write_atomically(out / MANIFEST_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    summary = ExportSummary(out, len(records), new, reused, modules, skipped)
+    summary = ExportSummary(out, len(records), new, reused, modules, skipped, pruned)
     with (out / EXPORTS_FILE).open("a") as handle:
         line = {
             "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -273,10 +284,19 @@ def export_reviewed(
             "reused": reused,
             "modules": modules,
             "skipped_frames": skipped,
+            "pruned_frames": pruned,
             "manifest_sha256": hashlib.sha256((out / MANIFEST_FILE).read_bytes()).hexdigest(),
         }
         handle.write(json.dumps(line) + "\n")
-    log.info("exported %d reviewed cells to %s (%d new, %d reused)", len(records), out, new, reused)
+    log.info(
+        "exported %d reviewed cells to %s (%d new, %d reused; frames missing %d, pruned %d)",
+        len(records),
+        out,
+        new,
+        reused,
+        skipped,
+        pruned,
+    )
     return summary
 
 
@@ -286,15 +306,24 @@ def write_atomically(path: Path, text: str) -> None:
     temporary.replace(path)  # readers see the old file or the new one, never half of one
 
 
-def load_frame(frames: FrameStore, digest: str, content_type: str, max_pixels: int) -> np.ndarray | None:
+def load_frame(frames: FrameStore, inspection: Inspection, max_pixels: int) -> np.ndarray | None:
     """The stored frame's grey pixels, decoded as serving decoded them; None when it is gone."""
-    image_type = ImageType(content_type)
-    path = frames.path_for(digest, image_type.extension)
-    if not path.is_file():
-        log.warning("stored frame %s is missing: its cells are left out", path)
+    image_type = ImageType(inspection.frame_content_type)
+    path = frames.path_for(inspection.frame_sha256, image_type.extension)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if inspection.frame_pruned_at is not None:  # the factory's choice (PVQC_FRAME_RETENTION_DAYS)
+            log.info(
+                "the frame of inspection %d was removed by the retention policy: its cells not cut "
+                "before are left out",
+                inspection.id,
+            )
+        else:
+            log.warning("stored frame %s is missing: its cells are left out", path)
         return None
     try:
-        return decode_image(path.read_bytes(), image_type, max_pixels).grey
+        return decode_image(data, image_type, max_pixels).grey
     except ImageRejectedError as exc:
         log.warning("stored frame %s cannot be decoded: %s", path, exc)
         return None
@@ -349,7 +378,8 @@ def error_line(exc: BaseException) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Exit status: 0 exported, 1 exported but some stored frames were missing, 2 nothing exported."""
+    """Exit status: 0 exported (frames the retention policy removed included), 1 exported but some
+    stored frames were missing or unreadable, 2 nothing exported."""
     parser = argparse.ArgumentParser(prog="pvqc export-reviewed", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out", type=Path, required=True, help="export folder; re-used, exports are incremental"
@@ -396,6 +426,7 @@ def cli(argv: list[str] | None = None) -> int:
         "reused": summary.reused,
         "modules": summary.modules,
         "skipped_frames": summary.skipped_frames,
+        "pruned_frames": summary.pruned_frames,
     }
     sys.stdout.write(json.dumps(result) + "\n")  # the command's output, one JSON line
     return 0 if summary.skipped_frames == 0 else 1

@@ -1,7 +1,7 @@
 """Prometheus metrics of the service, one registry per app (so tests can build many apps).
 
 Owns: request and inference latency histograms, batch sizes, queue depth, verdict counters per line
-and model version, and the `/metrics` exposition.
+and model version, what the frame retention pass deleted, and the `/metrics` exposition.
 """
 
 from __future__ import annotations
@@ -54,9 +54,25 @@ class ServiceMetrics:
             registry=self.registry,
         )
 
+        # the exposition appends _total: pvqc_frames_pruned_total, pvqc_frames_pruned_bytes_total
+        self.frames_pruned = Counter(
+            "pvqc_frames_pruned",
+            "frame files deleted by the retention policy (PVQC_FRAME_RETENTION_DAYS)",
+            registry=self.registry,
+        )
+        self.frames_pruned_bytes = Counter(
+            "pvqc_frames_pruned_bytes",
+            "bytes of frame files deleted by the retention policy",
+            registry=self.registry,
+        )
+
     def observe_batch(self, cells: int, seconds: float) -> None:
         self.batch_cells.observe(cells)
         self.inference_seconds.observe(seconds)
+
+    def observe_pruned(self, frames: int, size: int) -> None:
+        self.frames_pruned.inc(frames)
+        self.frames_pruned_bytes.inc(size)
 
     def track_queue(self, pending: Callable[[], int]) -> None:
         self.queue_cells.set_function(lambda: float(pending()))

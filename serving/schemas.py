@@ -45,6 +45,8 @@ class InspectionSummary(BaseModel):
     model: ModelOut
     frame_sha256: str
     created_at: datetime
+    # when the retention policy deleted the frame (its verdict and cells stay); None: the frame is kept
+    frame_pruned_at: datetime | None = None
 
 
 class InspectionOut(InspectionSummary):
@@ -129,4 +131,5 @@ def _summary_fields(row: Inspection) -> dict[str, object]:
         ),
         "frame_sha256": row.frame_sha256,
         "created_at": row.created_at,
+        "frame_pruned_at": row.frame_pruned_at,
     }

@@ -160,6 +160,16 @@ class Settings(BaseSettings):
         default=0.02, ge=0.0, le=1.0, description="share of PASS modules put in the review queue"
     )
 
+    # frame retention (serving/retention.py): opt-in, the factory decides how long frames are kept
+    frame_retention_days: int | None = Field(
+        default=None,
+        description="delete the frame files of PASS modules older than this many days that no engineer "
+        "flagged, sampled or reviewed (their verdicts and cells stay); unset: keep every frame",
+    )
+    frame_retention_interval_seconds: float = Field(
+        default=3600.0, gt=0.0, description="how often the frame retention pass runs (also once at start)"
+    )
+
     @field_validator("timezone")
     @classmethod
     def _an_iana_zone(cls, name: str) -> str:
@@ -171,6 +181,24 @@ class Settings(BaseSettings):
                     f"expected an IANA time zone name such as Europe/Berlin, got {name!r}"
                 ) from exc
         return name
+
+    @field_validator("frame_retention_days", mode="before")
+    @classmethod
+    def _retention_unset_when_empty(cls, value: object) -> object:
+        # a ConfigMap often carries the key with an empty value: that means "not set", keep every frame
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("frame_retention_days")
+    @classmethod
+    def _retention_of_whole_days(cls, days: int | None) -> int | None:
+        if days is not None and days < 1:
+            raise ValueError(
+                f"expected PVQC_FRAME_RETENTION_DAYS to be at least 1 (days a PASS module's frame is kept), "
+                f"got {days}; leave it unset to keep every frame"
+            )
+        return days
 
     @model_validator(mode="after")
     def _lines_not_empty(self) -> Settings:

@@ -6,9 +6,12 @@ the bytes survive kill -9 and power loss; a failed write removes its private fil
 insert keyed on (line, serial, frame id) that publishes the frame only once its row is certain, and
 the read queries (lists, one inspection, pass-rate statistics).
 
-The service never deletes a content-addressed frame: another row with identical bytes may reference
-it, or be about to, and no check of that is free of races. A request that loses (a concurrent twin,
-a failed insert) removes only its own staged file, which nothing else can name.
+Requests never delete a content-addressed frame: another row with identical bytes may reference it,
+or be about to. A request that loses (a concurrent twin, a failed insert) removes only its own staged
+file, which nothing else can name. Only the opt-in retention pass (serving/retention.py) deletes
+stored frames, one sha256 at a time under that digest's frame lock (`lock_frame`), which the insert
+also holds from before it publishes until its commit: a pass that deleted a file which a new row's
+staging had found already stored is seen at publish time, and the bytes are written again.
 All functions here block: routes call them through `anyio.to_thread`.
 """
 
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -34,8 +37,34 @@ from serving.verdicts import InspectionKind, ModuleVerdict
 log = logging.getLogger(__name__)
 
 
+# advisory locks of frames live in a key space of their own: PostgreSQL's two-int4 form never meets
+# the single-bigint keys (serving.db.upgrade_head's migration lock)
+FRAME_LOCK_SPACE = 0x70766671  # "pvfq"
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def frame_lock_key(digest: str) -> int:
+    """The int4 advisory lock key of a frame: its digest's first 32 bits (a collision only makes two
+    unrelated frames take turns)."""
+    return int.from_bytes(bytes.fromhex(digest[:8]), "big", signed=True)
+
+
+def lock_frame(session: Session, digest: str) -> None:
+    """Hold `digest`'s frame lock until the session's transaction ends.
+
+    The insert holds it from before it publishes until its commit; the retention pass holds it while
+    it checks, marks and deletes. PostgreSQL: a transaction-scoped advisory lock, across replicas.
+    SQLite: nothing to take here: the transaction has already written (the insert's flush, the
+    pass's UPDATE), so it holds the database's single write lock, which every writer waits for.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(:space, :key)"),
+            {"space": FRAME_LOCK_SPACE, "key": frame_lock_key(digest)},
+        )
 
 
 class StagedFrame:
@@ -43,20 +72,32 @@ class StagedFrame:
 
     Owns the last two steps of one frame write: `publish` gives it its content-addressed name,
     `discard` removes the private file. `temporary` is None when identical bytes were stored already
-    (then there is nothing to publish or discard: the stored file is never removed).
+    (then there is nothing to discard: a stored file is never removed by a request). Such a frame
+    keeps its bytes (`data`, the request's own body, not a copy) until it is published: the retention
+    pass may delete the stored file before this row's commit, and then they are written again.
     """
 
-    def __init__(self, path: Path, temporary: Path | None) -> None:
+    def __init__(self, path: Path, temporary: Path | None, data: bytes | None = None) -> None:
         self.path = path
         self.temporary = temporary
+        self.data = data
 
     def publish(self) -> Path:
-        """Rename the private file to its content-addressed name and make the rename durable."""
+        """Rename the private file to its content-addressed name and make the rename durable.
+
+        The caller holds the digest's frame lock (`lock_frame`): a file found stored when staging and
+        gone now was pruned meanwhile, and no pass can delete it again before the caller's commit.
+        """
         if self.temporary is None:
-            # stored before, perhaps by a request that renamed it an instant ago and is still in its
-            # folder fsync: this row must not commit before that name is durable, so sync it again
-            _fsync_dir(self.path.parent)
-            return self.path
+            if self.data is None or self.path.exists():
+                # stored before, perhaps by a request that renamed it an instant ago and is still in
+                # its folder fsync: this row must not commit before that name is durable, so sync again
+                self.data = None
+                _fsync_dir(self.path.parent)
+                return self.path
+            log.info("frame %s was pruned after it was staged: writing it again", self.path.name)
+            self.temporary = _write_private(self.path, self.data)
+        self.data = None
         try:
             # atomic: readers see the whole file or none; a replica that published the same bytes
             # meanwhile is replaced by identical bytes
@@ -70,6 +111,7 @@ class StagedFrame:
 
     def discard(self) -> None:
         """Remove the private file; a published or already stored frame is left alone."""
+        self.data = None
         if self.temporary is None:
             return
         # a full or failing disk (ENOSPC, EIO) must not also collect orphans, one per retry; the caller
@@ -100,24 +142,33 @@ class FrameStore:
         transaction; publishing is then a rename and one folder fsync.
         """
         path = self.path_for(digest, extension)
-        if path.exists():  # stored before, and never deleted: identical bytes need no second copy
-            return StagedFrame(path, None)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # the two-level fan-out folders may be new: their names are made durable now, so that
-        # publishing needs only the leaf folder's fsync
-        _fsync_dir(path.parent.parent)
-        _fsync_dir(path.parent.parent.parent)
-        temporary = path.with_name(f".{digest}.{uuid.uuid4().hex}.tmp")
-        staged = StagedFrame(path, temporary)
-        try:
-            with temporary.open("wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except BaseException:
-            staged.discard()
-            raise
-        return staged
+        if path.exists():
+            # stored before: identical bytes need no second copy. The bytes are kept all the same: the
+            # retention pass may delete this file before the row is committed (StagedFrame.publish)
+            return StagedFrame(path, None, data)
+        return StagedFrame(path, _write_private(path, data))
+
+
+def _write_private(path: Path, data: bytes) -> Path:
+    """Write and fsync `data` under a private name beside `path`; on failure no file is left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the two-level fan-out folders may be new: their names are made durable now, so that
+    # publishing needs only the leaf folder's fsync
+    _fsync_dir(path.parent.parent)
+    _fsync_dir(path.parent.parent.parent)
+    temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp")
+    try:
+        with temporary.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        # a full or failing disk (ENOSPC, EIO) must not also collect orphans; the caller learns the
+        # original error, not one from the clean-up
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise
+    return temporary
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -154,6 +205,11 @@ def insert_inspection(
     the staged frame given its content-addressed name, and only after that is the row committed. A
     twin therefore learns it lost only after the winner's commit, with the winner's file in place,
     and it removes only its own staged file. A crash at any step leaves at worst an unreferenced file.
+
+    Before publishing, the transaction takes the digest's frame lock (`lock_frame`), held to the
+    commit, which the retention pass takes too: a pass that came first has committed its deletion,
+    and publishing writes the bytes again; a pass that comes later sees this committed row (recent,
+    so kept) and leaves the file alone.
     """
     with sessions() as session:
         session.add(inspection)
@@ -168,6 +224,11 @@ def insert_inspection(
             if existing is None:
                 raise
             return existing, False
+        except BaseException:
+            frame.discard()
+            raise
+        try:
+            lock_frame(session, inspection.frame_sha256)
         except BaseException:
             frame.discard()
             raise

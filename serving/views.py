@@ -8,15 +8,18 @@ cell is cut again from the stored frame as the pipeline cut it (`model.geometry.
 and run through the micro-batcher, whose `cam` output is the class activation map (defect logit per
 position of the last feature map); a half cell shows the mirrored view that decided its probability
 (the lower); a full batcher queue answers
-the ingestion routes' 503 with Retry-After. Blocking helpers run in worker threads.
+the ingestion routes' 503 with Retry-After. Also where every reader finds a stored frame's file
+(`stored_frame_path`): a frame that is gone is a 410 that says whether the retention policy removed
+it (serving/retention.py). Blocking helpers run in worker threads.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import anyio
 import numpy as np
@@ -25,6 +28,7 @@ from serving.db import Inspection
 from serving.errors import ApiError
 from serving.images import ImageRejectedError, ImageType, decode_image
 from serving.inference import QueueFullError
+from serving.store import FrameStore
 from serving.verdicts import InspectionKind
 
 if TYPE_CHECKING:  # serving.app builds the PreviewCache: a run-time import would be circular
@@ -45,6 +49,9 @@ class PreviewCache:
         self._lock = anyio.Lock()
 
     async def get(self, services: Services, row: Inspection, width: int) -> bytes:
+        if row.frame_pruned_at is not None:
+            # a preview made while the pass deleted the frame may outlive it: the frame decides
+            await anyio.to_thread.run_sync(stored_frame_path, services.frames, row)
         width = next((w for w in PREVIEW_WIDTHS if w >= width), PREVIEW_WIDTHS[-1])
         path = self.root / f"{row.frame_sha256}-{width}.jpg"
         if path.is_file():
@@ -69,14 +76,53 @@ class PreviewCache:
             return await anyio.to_thread.run_sync(make, limiter=services.frame_limiter)
 
 
+def stored_frame_path(frames: FrameStore, row: Inspection) -> Path:
+    """The file of `row`'s frame; 410 Gone when it is not stored, saying why when the policy removed it.
+
+    A pruned row's file is served if it is there: identical bytes posted since for a new row put it
+    back, and they are the same bytes.
+    """
+    path = frames.path_for(row.frame_sha256, ImageType(row.frame_content_type).extension)
+    if not path.is_file():
+        raise frame_gone(row)
+    return path
+
+
+def frame_gone(row: Inspection) -> ApiError:
+    """The 410 of a frame that is not stored: the retention policy's, or another loss."""
+    if row.frame_pruned_at is None:
+        # also a frame the retention pass deletes while this request reads the row
+        return ApiError(410, f"frame {row.frame_sha256} of inspection {row.id} is no longer stored")
+    return ApiError(
+        410,
+        f"the frame of inspection {row.id} was removed by the frame retention policy "
+        f"(PVQC_FRAME_RETENTION_DAYS) at {row.frame_pruned_at.isoformat(timespec='seconds')}; its "
+        "verdict and cell scores are kept",
+    )
+
+
+def open_stored_frame(frames: FrameStore, row: Inspection) -> tuple[BinaryIO, int]:
+    """`row`'s frame file opened for reading, and its size; 410 when it is gone.
+
+    Served from the open file, not its name: a retention pass that deletes it meanwhile cannot take
+    the bytes from under a response that has begun (the name goes, the open file stays readable).
+    """
+    path = stored_frame_path(frames, row)
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:  # deleted between the look and the open
+        raise frame_gone(row) from None
+    return handle, os.fstat(handle.fileno()).st_size
+
+
 def load_grey(services: Services, row: Inspection) -> np.ndarray:
     """The stored frame of `row` as 8-bit grey, decoded exactly as at ingestion."""
     image_type = ImageType(row.frame_content_type)
-    path = services.frames.path_for(row.frame_sha256, image_type.extension)
-    if not path.is_file():
-        raise ApiError(410, f"frame {row.frame_sha256} of inspection {row.id} is no longer stored")
+    handle, _ = open_stored_frame(services.frames, row)
+    with handle:
+        data = handle.read()
     try:
-        return decode_image(path.read_bytes(), image_type, services.settings.max_pixels).grey
+        return decode_image(data, image_type, services.settings.max_pixels).grey
     except ImageRejectedError as exc:  # it was accepted once: the file must have been damaged since
         raise ApiError(500, f"stored frame of inspection {row.id} no longer decodes: {exc}") from exc
 

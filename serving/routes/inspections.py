@@ -1,14 +1,16 @@
 """Stored inspections: list (filtered, newest first, keyset-paginated), one with its cells, its frame,
-a JPEG preview of the frame. Role: line or higher; a line key sees only its own line's."""
+a JPEG preview of the frame (both 410 once the retention policy removed the frame). Role: line or
+higher; a line key sees only its own line's."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
 from serving.app import Services
 from serving.auth import Principal, Role, require
@@ -19,6 +21,9 @@ from serving.images import ImageType
 from serving.schemas import InspectionOut, InspectionPage, inspection_out, summary_of
 from serving.store import InspectionQuery, get_inspection, list_inspections
 from serving.verdicts import InspectionKind, ModuleVerdict
+from serving.views import open_stored_frame
+
+FRAME_CHUNK = 256 * 1024
 
 router = APIRouter(prefix="/inspections", tags=["inspections"], dependencies=[Depends(require(Role.LINE))])
 
@@ -64,13 +69,23 @@ async def inspection(services: ServicesDep, principal: PrincipalDep, inspection_
 @router.get("/{inspection_id}/frame")
 async def inspection_frame(
     services: ServicesDep, principal: PrincipalDep, inspection_id: int
-) -> FileResponse:
+) -> StreamingResponse:
+    """The stored frame as it was posted; 410 when the retention policy (or anything else) removed it."""
     row = await visible_inspection(services, principal, inspection_id)
-    image_type = ImageType(row.frame_content_type)
-    path = services.frames.path_for(row.frame_sha256, image_type.extension)
-    if not path.is_file():
-        raise ApiError(410, f"frame {row.frame_sha256} of inspection {inspection_id} is no longer stored")
-    return FileResponse(path, media_type=image_type.value)
+    handle, size = await anyio.to_thread.run_sync(open_stored_frame, services.frames, row)
+    return StreamingResponse(
+        read_chunks(handle),
+        media_type=ImageType(row.frame_content_type).value,
+        # content-addressed: the digest names these bytes for good, as FileResponse's ETag did the file
+        headers={"Content-Length": str(size), "ETag": f'"{row.frame_sha256}"'},
+    )
+
+
+def read_chunks(handle: BinaryIO) -> Iterator[bytes]:
+    """The open frame file in chunks (Starlette reads a plain iterator in a worker thread); closes it."""
+    with handle:
+        while chunk := handle.read(FRAME_CHUNK):
+            yield chunk
 
 
 @router.get("/{inspection_id}/preview", response_class=Response)

@@ -108,6 +108,7 @@ class EffectiveLabelsOut(BaseModel):
     serial: str
     model_version: str
     frame_sha256: str
+    frame_pruned_at: datetime | None  # set if the retention policy deleted the frame before a review
     module: dict[str, Any]
     cells: list[dict[str, Any]]  # every cell: row, col, polygon, label in force (model's or review's)
 
@@ -277,6 +278,7 @@ async def labels(
             serial=m.inspection.serial,
             model_version=m.inspection.model_version,
             frame_sha256=m.inspection.frame_sha256,
+            frame_pruned_at=m.inspection.frame_pruned_at,
             module=m.labels.module,
             cells=[
                 {"row": c.row, "col": c.col, "polygon": c.polygon, **m.labels.cells[cell_key(c.row, c.col)]}

@@ -2,16 +2,19 @@
 
 The screen updates live from the stream without a reload and raises the alarm when the floor is
 crossed; an engineer signs in, opens a flagged module, corrects a cell with the keyboard and the
-decision lands in the audit trail; a line key cannot open the review page. Each page is saved as a
-screenshot under test-artifacts/ for a person to look at.
+decision lands in the audit trail; a frame that is gone (pruned by the retention policy, or lost)
+reads as text on the review page, not as a broken image; a line key cannot open the review page.
+Each page is saved as a screenshot under test-artifacts/ for a person to look at.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,8 +22,13 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import sessionmaker
 
+from serving.db import Inspection, make_engine, utcnow
+from serving.retention import prune_frames
 from serving.settings import LineConfig
+from serving.store import FrameStore
 from tests.serving.conftest import MakeSettings, serve_in_thread
 from tests.serving.helpers import AUTH, BRIGHT, DARK, MID, module_frame, png
 
@@ -191,6 +199,49 @@ def test_engineer_corrects_a_cell_with_the_keyboard(browser: Any, site: dict[str
     ]
     module = trail[1]
     assert module["after"]["verdict"] == "PASS" and module["before"]["verdict"] == "FAIL"
+
+
+def test_a_frame_that_is_gone_reads_as_text_not_a_broken_image(
+    browser: Any, make_settings: MakeSettings
+) -> None:
+    settings = make_settings(review_pass_sample_rate=0.0)
+    frames = FrameStore(settings.resolved_frames_dir)
+    lost_body = frame(6, 10, mid=[(0, 0)])  # a REVIEW: never pruned, its file is deleted by hand below
+    with serve_in_thread(settings) as address:
+        base = f"http://{address}"
+        with httpx.Client(base_url=base, headers=AUTH, timeout=30) as api:
+            key = api.post("/keys", json={"name": "eng", "role": "engineer"}).json()["key"]
+            pruned = post(api, "L1", "OLD", frame(6, 10))
+            lost = post(api, "L1", "LOST", lost_body)
+        engine = make_engine(settings.resolved_database_url)
+        try:
+            sessions = sessionmaker(engine, expire_on_commit=False)
+            with sessions() as session:  # the PASS module is 40 days old now
+                old = utcnow() - timedelta(days=40)
+                session.execute(update(Inspection).where(Inspection.id == pruned).values(created_at=old))
+                session.commit()
+            assert prune_frames(sessions, frames, 30, 0.0).frames == 1
+        finally:
+            engine.dispose()
+        frames.path_for(hashlib.sha256(lost_body).hexdigest(), "png").unlink()
+
+        page = browser.new_page(viewport={"width": 1680, "height": 1050})
+        sign_in(page, base, "/review", key)
+        page.goto(f"{base}/review#inspection={pruned}")
+        page.reload()  # the page opens the module its address names when it starts
+        page.wait_for_selector("#grid polygon.cell")  # the grid stays, cells can still be labelled
+        assert "Frame removed by the retention policy on" in page.text_content("#frame-gone")
+        assert page.query_selector("#module img") is None  # no request for a frame that is gone
+        page.keyboard.press("h")
+        assert "removed by the retention policy" in page.text_content("#heat-note")
+        shoot(page, "review-pruned.png")
+
+        page.goto(f"{base}/review#inspection={lost}")
+        page.reload()
+        page.wait_for_selector("#frame-gone")  # the preview's 410 replaced the image with its reason
+        assert "could not be shown" in page.text_content("#frame-gone")
+        assert "is no longer stored" in page.text_content("#frame-gone")
+        page.close()
 
 
 def test_a_line_key_cannot_open_the_review_page(browser: Any, site: dict[str, Any]) -> None:

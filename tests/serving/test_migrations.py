@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 from serving.app import create_app
 from serving.db import MIGRATIONS_DIR, make_engine, upgrade_head
@@ -69,3 +69,32 @@ def test_postgres_connections_per_replica_come_from_settings(make_settings: Make
         assert engine.pool.size() == 5 and engine.pool._max_overflow == 3  # type: ignore[attr-defined]
     finally:
         engine.dispose()  # never connected: the host does not exist
+
+
+def columns_and_indexes(url: str, table: str) -> tuple[set[str], set[str]]:
+    engine = make_engine(url)
+    try:
+        found = inspect(engine)
+        return {c["name"] for c in found.get_columns(table)}, {i["name"] for i in found.get_indexes(table)}
+    finally:
+        engine.dispose()
+
+
+def test_rolling_back_the_frame_retention_column_keeps_every_row(
+    make_settings: MakeSettings, database_url: str
+) -> None:
+    with TestClient(create_app(make_settings(database_url=database_url)), headers=AUTH) as client:
+        inspection = post(client, "M1", DARK)
+        assert decide(client, inspection, {"module": "FAIL"}).status_code == 201
+    stored = row_counts(database_url)
+    columns, indexes = columns_and_indexes(database_url, "inspections")
+    assert "frame_pruned_at" in columns and "ix_inspections_unpruned_verdict_created" in indexes
+    downgrade(database_url, "0004")
+    assert row_counts(database_url) == stored
+    columns, indexes = columns_and_indexes(database_url, "inspections")
+    assert "frame_pruned_at" not in columns and "ix_inspections_unpruned_verdict_created" not in indexes
+    engine = make_engine(database_url)
+    upgrade_head(engine)
+    engine.dispose()
+    assert row_counts(database_url) == stored
+    assert "frame_pruned_at" in columns_and_indexes(database_url, "inspections")[0]

@@ -135,10 +135,22 @@
 
     const frame = document.createElement("div");
     frame.className = "frame big-frame";
-    const img = document.createElement("img");
-    img.src = `/inspections/${o.inspection_id}/preview?width=1600`;
-    img.alt = `frame of ${o.serial}`;
-    frame.appendChild(img);
+    if (o.frame_pruned_at) {
+      // the retention policy deleted the frame: say so, and keep the grid on a blank of its shape
+      frame.appendChild(frameGone(o, `Frame removed by the retention policy on ${new Date(o.frame_pruned_at).toLocaleString()}: the verdict and cell scores are kept, heat maps need the frame.`));
+    } else {
+      const img = document.createElement("img");
+      img.src = `/inspections/${o.inspection_id}/preview?width=1600`;
+      img.alt = `frame of ${o.serial}`;
+      // a frame that cannot be shown says why (the preview's JSON error), never a broken image
+      img.addEventListener("error", () => {
+        pvqc.api(img.src).then(
+          () => img.replaceWith(frameGone(o, "The frame could not be shown.")),
+          (error) => img.replaceWith(frameGone(o, `The frame could not be shown: ${error.message}`)),
+        );
+      }, { once: true });
+      frame.appendChild(img);
+    }
     const box = { width: o.frame_width, height: o.frame_height, rows: o.rows, cols: o.cols };
     const overlay = pvqc.svg("svg", { viewBox: `0 0 ${box.width} ${box.height}`, preserveAspectRatio: "none", id: "grid" }, frame);
     for (const cell of o.cells) {
@@ -160,6 +172,18 @@
     main.appendChild(frame);
     main.appendChild(scoreTable(o));
     main.appendChild(historyList());
+  }
+
+  // in place of the frame: a dark area of the frame's shape (the grid stays clickable) and the reason
+  function frameGone(o, reason) {
+    const gone = document.createElement("div");
+    gone.className = "frame-gone";
+    gone.style.aspectRatio = `${o.frame_width} / ${o.frame_height}`;
+    const text = document.createElement("p");
+    text.id = "frame-gone";
+    text.textContent = reason;
+    gone.appendChild(text);
+    return gone;
   }
 
   function scoreTable(o) {
@@ -345,6 +369,10 @@
   async function heat() {
     if (!state.open || !state.selected) return;
     const [r, c] = state.selected;
+    if (state.open.inspection.frame_pruned_at) {
+      $("heat-note").textContent = "No heat map: the frame was removed by the retention policy.";
+      return;
+    }
     $("heat-note").textContent = "computing…";
     const map = await pvqc.api(`/review/inspections/${state.open.inspection.inspection_id}/cells/${r}/${c}/heatmap`);
     const canvas = $("heat");
