@@ -215,7 +215,16 @@ def make_engine(url: str, pool_size: int = 10, max_overflow: int = 10) -> Engine
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow)
+    # READ COMMITTED pinned, whatever the server's default: the frame lock's users (the insert and the
+    # retention pass, serving/store.py lock_frame) must see rows committed while they waited for it,
+    # which a REPEATABLE READ snapshot taken before the wait would hide
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        isolation_level="READ COMMITTED",
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

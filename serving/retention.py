@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, CursorResult, and_, exists, func, select, text, update
+from sqlalchemy import ColumnElement, CursorResult, and_, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from serving.db import Inspection, ReviewDecision, utcnow
@@ -134,11 +134,14 @@ def prune_digest(
             session.rollback()
             return PruneResult()
         lock_frame(session, digest)
-        # under the lock and after the marks: any row still unmarked is kept, and so are its bytes.
-        # PostgreSQL reads committed rows afresh here, so an insert that held the lock is seen now
+        # under the lock and after the marks, in a statement of its own (READ COMMITTED, pinned in
+        # serving.db.make_engine, reads what was committed meanwhile): a row still unmarked is kept,
+        # and so is a marked one that is no longer prunable. The UPDATE re-checked only the row itself
+        # after waiting on its lock, not the decision a reviewer committed while holding that lock
         kept = session.scalar(
             select(func.count(Inspection.id)).where(
-                Inspection.frame_sha256 == digest, Inspection.frame_pruned_at.is_(None)
+                Inspection.frame_sha256 == digest,
+                or_(Inspection.frame_pruned_at.is_(None), ~prunable(cutoff, sample_rate)),
             )
         )
         if kept:

@@ -78,6 +78,9 @@ def in_queue(sample_rate: float) -> ColumnElement[bool]:
     sampled = and_(
         Inspection.verdict == ModuleVerdict.PASS.value,
         ((Inspection.id % SAMPLE_PRIME) * SAMPLE_MULTIPLIER) % SAMPLE_SCALE < cut,
+        # a PASS whose frame the retention policy removed (sampled out at a lower rate then) has
+        # nothing left to review; flagged modules' frames are never removed
+        Inspection.frame_pruned_at.is_(None),
     )
     return or_(flagged, sampled)
 

@@ -420,3 +420,61 @@ def test_with_a_retention_set_the_service_prunes_at_start_and_counts_it(
         assert "pvqc_frames_pruned_total 1.0" in metrics
         assert f"pvqc_frames_pruned_bytes_total {float(len(b'an old PASS frame'))}" in metrics
     assert not frame_path(store, b"an old PASS frame").exists()
+
+
+def test_a_decision_committed_while_the_pass_waits_keeps_the_frame(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # on PostgreSQL a reviewer's decision locks the inspection row, the pass's UPDATE waits on it and,
+    # once the decision commits, re-checks only the row itself: the row is marked all the same. The
+    # check under the frame lock must read the decision. Here it is committed exactly then.
+    data = png(BRIGHT)
+    inspection_id = insert(store, "M1", data)
+    import serving.retention as retention
+
+    real_lock = retention.lock_frame
+
+    def decide_then_lock(session: Session, digest: str) -> None:
+        review(store.sessions, inspection_id)
+        real_lock(session, digest)
+
+    monkeypatch.setattr(retention, "lock_frame", decide_then_lock)
+    if store.sessions.kw["bind"].dialect.name == "sqlite":
+        # the pass holds SQLite's write lock by now: no one else can commit a decision; a busy
+        # writer would wait for the pass, so the race cannot happen there
+        monkeypatch.setattr(retention, "lock_frame", real_lock)
+        review(store.sessions, inspection_id)
+    result = prune(store)
+    assert result.frames == 0 and pruned_at(store.sessions, inspection_id) is None
+    assert frame_path(store, data).is_file()
+
+
+def test_the_pass_and_the_insert_read_committed_whatever_the_servers_default(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # under REPEATABLE READ the pass's snapshot predates its wait for the frame lock and misses an
+    # insert that committed meanwhile, then deletes that row's file
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer at a time: no snapshot can miss a committed insert")
+    monkeypatch.setenv("PGOPTIONS", "-c default_transaction_isolation=repeatable\\ read")
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            assert connection.scalar(text("SHOW transaction_isolation")) == "read committed"
+    finally:
+        engine.dispose()
+
+
+def test_a_sampled_pass_whose_frame_was_pruned_leaves_the_review_queue(store: Store) -> None:
+    # pruned while the sample rate was lower, then sampled at a higher one: nothing left to review
+    from serving.review import in_queue
+
+    rate = 0.5
+    data = [png(BRIGHT + k) for k in range(12)]
+    ids = [insert(store, f"M{k}", frame) for k, frame in enumerate(data)]
+    chosen = [i for i in ids if sampled(i, rate)]
+    assert chosen, "expected some of 12 rows in a 50 % sample"
+    prune(store, rate=0.0)
+    with store.sessions() as session:
+        queued = session.scalars(select(Inspection.id).where(in_queue(rate))).all()
+    assert queued == []
