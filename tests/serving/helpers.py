@@ -8,12 +8,15 @@ and `cam` (N, 4, 4). Cells are generated with a known brightness, so tests know 
 from __future__ import annotations
 
 import io
+from datetime import datetime
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from model.card import InputSpec, ModelCard, OperatingPoints, TensorSpec, write_card
+from serving.db import Inspection, utcnow
+from serving.store import sha256_hex
 
 TINY_SIZE = 32
 TINY_VERSION = "0.0.0-test"
@@ -119,3 +122,32 @@ def tiff(image: np.ndarray, **options: object) -> bytes:
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, image, **options)  # type: ignore[arg-type]
     return buffer.getvalue()
+
+
+def inspection_row(
+    serial: str, data: bytes, verdict: str = "PASS", created_at: datetime | None = None
+) -> Inspection:
+    """A module inspection of frame "1" on line L1 whose frame is `data`, for tests of the store itself."""
+    return Inspection(
+        line_id="L1",
+        serial=serial,
+        frame_id="1",
+        kind="module",
+        verdict=verdict,
+        rows=6,
+        cols=10,
+        n_defective=0,
+        n_uncertain=0,
+        model_name="pvqc-cell",
+        model_version="0.0.0-test",
+        threshold=0.7,
+        review_threshold=0.4,
+        frame_sha256=sha256_hex(data),
+        frame_content_type="image/png",
+        frame_width=1,
+        frame_height=1,
+        geometry_ok=True,
+        timings_ms={},
+        created_at=created_at or utcnow(),
+        cells=[],
+    )

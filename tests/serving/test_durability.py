@@ -24,10 +24,10 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from serving.cli import wait_until_ready
-from serving.db import Inspection, make_engine, upgrade_head, utcnow
+from serving.db import make_engine, upgrade_head
 from serving.store import FrameStore, StagedFrame, insert_inspection, sha256_hex
 from tests.serving.conftest import free_port
-from tests.serving.helpers import ADMIN_KEY, AUTH, BRIGHT, DARK, module_frame, png
+from tests.serving.helpers import ADMIN_KEY, AUTH, BRIGHT, DARK, inspection_row, module_frame, png
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -142,33 +142,6 @@ def test_a_failed_frame_write_leaves_no_temporary_file(
         store.save(b"frame bytes", sha256_hex(b"frame bytes"), "png")
     monkeypatch.undo()
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == []  # no orphan .tmp file
-
-
-def inspection_row(serial: str, data: bytes) -> Inspection:
-    """A module inspection of frame "1" on line L1 whose frame is `data`."""
-    return Inspection(
-        line_id="L1",
-        serial=serial,
-        frame_id="1",
-        kind="module",
-        verdict="PASS",
-        rows=6,
-        cols=10,
-        n_defective=0,
-        n_uncertain=0,
-        model_name="pvqc-cell",
-        model_version="0.0.0-test",
-        threshold=0.7,
-        review_threshold=0.4,
-        frame_sha256=sha256_hex(data),
-        frame_content_type="image/png",
-        frame_width=1,
-        frame_height=1,
-        geometry_ok=True,
-        timings_ms={},
-        created_at=utcnow(),
-        cells=[],
-    )
 
 
 def test_a_twin_that_loses_the_race_leaves_no_file(

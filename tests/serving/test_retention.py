@@ -29,7 +29,7 @@ from serving.review import SAMPLE_MULTIPLIER, SAMPLE_PRIME, SAMPLE_SCALE
 from serving.settings import Settings
 from serving.store import FrameStore, StagedFrame, insert_inspection, sha256_hex
 from tests.serving.conftest import MakeSettings
-from tests.serving.helpers import AUTH, BRIGHT, module_frame, png
+from tests.serving.helpers import AUTH, BRIGHT, inspection_row, module_frame, png
 
 DAYS = 30  # the retention of these tests; rows are made OLD or NEW relative to it
 OLD, NEW = 40.0, 1.0  # ages in days
@@ -53,29 +53,7 @@ def store(database_url: str, tmp_path: Path) -> Iterator[Store]:
 
 def new_row(serial: str, data: bytes, verdict: str = "PASS", age_days: float = OLD) -> Inspection:
     """A module inspection of frame "1" on line L1, `age_days` old, whose frame is `data`."""
-    return Inspection(
-        line_id="L1",
-        serial=serial,
-        frame_id="1",
-        kind="module",
-        verdict=verdict,
-        rows=6,
-        cols=10,
-        n_defective=0,
-        n_uncertain=0,
-        model_name="pvqc-cell",
-        model_version="0.0.0-test",
-        threshold=0.7,
-        review_threshold=0.4,
-        frame_sha256=sha256_hex(data),
-        frame_content_type="image/png",
-        frame_width=1,
-        frame_height=1,
-        geometry_ok=True,
-        timings_ms={},
-        created_at=utcnow() - timedelta(days=age_days),
-        cells=[],
-    )
+    return inspection_row(serial, data, verdict, utcnow() - timedelta(days=age_days))
 
 
 def insert(store: Store, serial: str, data: bytes, verdict: str = "PASS", age_days: float = OLD) -> int:
