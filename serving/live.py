@@ -12,6 +12,13 @@ Owns the path from "an inspection was stored" to every connected screen:
   Redis outage: it waits (capped backoff), subscribes again, and has every line re-sent, since
   events published meanwhile never reached this replica. `LiveEvents.health` says whether the
   live stream is up, for /healthz.
+- Each distinct snapshot of a line goes out once across replicas: a time-driven change (an alarm,
+  the hour window sliding) is computed by every replica at about the same time, each before it
+  hears the others'. `RedisBroker.publish` skips a snapshot that Redis records as the line's last
+  published one, in one script with the numbering and the publish (no replica can record a
+  snapshot it did not send). A hub that has not heard a line since it (re)subscribed (it just
+  started, or missed events in an outage) publishes anyway (`force`): the event that went out
+  before it listened never reached its screens.
 - The hub side (`deliver`, `connect`, `disconnect`) keeps the latest snapshot per line (the one
   that arrived last: ids start again at 1 when Redis restarts without its data) and the last
   `sse_replay_events` events for `Last-Event-ID` resumes, bounds its clients (`sse_max_clients`),
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -73,6 +81,17 @@ def sse_frame(event_id: int, payload: dict[str, Any]) -> bytes:
     return f"id: {event_id}\nevent: {EVENT_NAME}\ndata: {data}\n\n".encode()
 
 
+def snapshot_content(payload: dict[str, Any]) -> dict[str, Any]:
+    """What a snapshot says, without when it was computed: two replicas' equal snapshots compare equal."""
+    return {k: v for k, v in payload.items() if k != "generated_at"}
+
+
+def content_digest(payload: dict[str, Any]) -> str:
+    """The same for equal content whichever replica computed it (keys sorted at every level)."""
+    text = json.dumps(snapshot_content(payload), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 Deliver = Callable[[int, dict[str, Any]], None]
 Reconnected = Callable[[], None]  # called when the broker hears events again after missing some
 
@@ -85,7 +104,8 @@ class Broker(Protocol):
     connected: bool  # False while events published by any replica may not reach this one
 
     async def start(self, deliver: Deliver, reconnected: Reconnected = _nothing) -> None: ...
-    async def publish(self, payload: dict[str, Any]) -> None: ...
+    # force: publish even where this snapshot of the line is known to have gone out last
+    async def publish(self, payload: dict[str, Any], *, force: bool = False) -> None: ...
     async def stop(self) -> None: ...
 
 
@@ -101,7 +121,8 @@ class InProcessBroker:
         self._deliver = deliver
         self.connected = True
 
-    async def publish(self, payload: dict[str, Any]) -> None:
+    async def publish(self, payload: dict[str, Any], *, force: bool = False) -> None:
+        # one publisher: its hub's `_sent` already keeps an unchanged snapshot back, nothing to skip here
         self._next_id += 1
         if self._deliver is not None:
             self._deliver(self._next_id, payload)
@@ -111,13 +132,35 @@ class InProcessBroker:
         self.connected = False
 
 
+# Publish a line's snapshot unless Redis records it as the line's last published one, and record it:
+# one atomic step, so two replicas never both see "not yet published", and a recorded snapshot was
+# published (a separate record-then-publish that failed between the two would silence the others).
+# KEYS: the line's last-snapshot key, the event counter. ARGV: content digest, "1" to force, record
+# lifetime (ms), channel, payload JSON. Returns the event id, or nil when skipped. The message is
+# byte for byte what json.dumps({"id": id, "payload": payload}) makes.
+PUBLISH_ONCE = """
+if ARGV[2] ~= '1' and redis.call('GET', KEYS[1]) == ARGV[1] then
+    return false
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+local id = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', ARGV[4], '{"id": ' .. string.format('%d', id) .. ', "payload": ' .. ARGV[5] .. '}')
+return id
+"""
+
+
 class RedisBroker:
-    """Redis pub/sub: every replica publishes to one channel and hears every replica's events."""
+    """Redis pub/sub: every replica publishes to one channel and hears every replica's events; a
+    snapshot some replica already published as its line's last is not published again."""
 
     # the wait before subscribing again, doubled per failure up to the maximum: a screen stays stale
     # at most that long (plus redis-py's own retries) once Redis is back
     reconnect_first_seconds = 0.5
     reconnect_max_seconds = 10.0
+    # how long a line's last published snapshot is remembered: replicas compute the same change within
+    # a query's time of each other, so a minute dedupes them; a record that outlived its truth (Redis
+    # restored from an old dump) stops suppressing by then, and a lost one costs a duplicate, not a loss
+    last_snapshot_seconds = 60.0
 
     def __init__(self, url: str, prefix: str) -> None:
         import redis.asyncio as redis
@@ -127,6 +170,8 @@ class RedisBroker:
         self.client = redis.Redis.from_url(url, health_check_interval=10, socket_keepalive=True)
         self.channel = f"{prefix}:events"
         self.counter = f"{prefix}:event-id"
+        self.last_snapshot = f"{prefix}:last-snapshot"  # + ":<line>": the digest of its last published
+        self._publish_once = self.client.register_script(PUBLISH_ONCE)  # EVALSHA, loaded again if lost
         self.connected = False  # a subscription confirmed and no error since
         self._confirmed_before = False
         self._reader: asyncio.Task[None] | None = None
@@ -192,9 +237,16 @@ class RedisBroker:
             return
         deliver(event_id, payload)
 
-    async def publish(self, payload: dict[str, Any]) -> None:
-        event_id = int(await self.client.incr(self.counter))
-        await self.client.publish(self.channel, json.dumps({"id": event_id, "payload": payload}))
+    async def publish(self, payload: dict[str, Any], *, force: bool = False) -> None:
+        """Number the snapshot and send it to every replica, unless the line's last published snapshot
+        (any replica's) says the same: the replica that computed it first sent it, and this one's
+        hub hears it (it has heard the line since subscribing, or `force` is set)."""
+        line_id = str(payload.get("line_id"))
+        keys = [f"{self.last_snapshot}:{line_id}", self.counter]
+        ttl_ms = int(self.last_snapshot_seconds * 1000)
+        args = [content_digest(payload), "1" if force else "0", ttl_ms, self.channel, json.dumps(payload)]
+        if await self._publish_once(keys=keys, args=args) is None:
+            log.debug("live events: %s's snapshot was published by another replica already", line_id)
 
     async def stop(self) -> None:
         if self._reader is not None:
@@ -297,6 +349,10 @@ class LiveEvents:
         self.recent: deque[LiveEvent] = deque(maxlen=settings.sse_replay_events)
         self.arrivals = 0  # events delivered to this hub, since start
         self._sent: dict[str, dict[str, Any]] = {}  # what this replica last saw per line, for "changed?"
+        # lines whose latest event this hub may have missed: every line at start and after the broker
+        # missed events; a line leaves when an event of it arrives. Their next snapshot is published
+        # even where another replica published the same one: that event never reached these screens
+        self._unheard: set[str] = set(settings.lines)
         self._dirty: set[str] = set()
         self.resyncs = 0  # clients that fell behind, since start (a load test wants none)
         self._wake = asyncio.Event()
@@ -325,6 +381,7 @@ class LiveEvents:
     def resend_all(self) -> None:
         """The broker missed events (an outage): recompute every line and publish it even if unchanged."""
         self._sent.clear()
+        self._unheard |= set(self.settings.lines)
         self._dirty |= set(self.settings.lines)
         self._wake.set()
 
@@ -394,9 +451,11 @@ class LiveEvents:
             line_id = snapshot["line_id"]
             if self._sent.get(line_id) == snapshot:
                 continue
-            await self.broker.publish({**snapshot, "generated_at": now.isoformat()})
-            # only once it went out: remembered before, a failed publish would read as sent, and an
-            # idle line (whose snapshot stays equal) would never be published again
+            payload = {**snapshot, "generated_at": now.isoformat()}
+            await self.broker.publish(payload, force=line_id in self._unheard)
+            # only once it went out (or another replica's equal one did): remembered before, a failed
+            # publish would read as sent, and an idle line (whose snapshot stays equal) would never be
+            # published again
             self._sent[line_id] = snapshot
 
     def _compute(self, lines: list[str], now: datetime) -> list[dict[str, Any]]:
@@ -409,7 +468,8 @@ class LiveEvents:
         line_id = str(payload.get("line_id"))
         self.arrivals += 1
         event = LiveEvent(event_id, line_id, payload, sse_frame(event_id, payload), self.arrivals)
-        self._sent[line_id] = {k: v for k, v in payload.items() if k != "generated_at"}
+        self._sent[line_id] = snapshot_content(payload)
+        self._unheard.discard(line_id)  # the newest of its line: later ones arrive after it
         self.recent.append(event)
         # the last to arrive, not the highest id: after Redis restarted without its data the ids
         # start again at 1, and the highest would freeze every new screen on a snapshot from before

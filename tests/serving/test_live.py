@@ -633,6 +633,167 @@ def test_redis_broker_carries_events_between_replicas(make_settings: MakeSetting
         assert first_hub.latest["L1"].id == hub.latest["L1"].id
 
 
+# -- Redis: each distinct snapshot of a line goes out once across replicas ---------------------------
+
+
+class HeldDeliveries:
+    """Stands between a replica's broker and its hub: while held, events wait as if still on the wire,
+    so the replica computes a change before it hears another replica's event of it (in production, the
+    usual case when the periodic checks of two replicas run at about the same time)."""
+
+    def __init__(self, hub: Any) -> None:
+        self.hub = hub
+        self.waiting: list[tuple[int, dict[str, Any]]] | None = None
+
+    def deliver(self, event_id: int, payload: dict[str, Any]) -> None:
+        if self.waiting is None:
+            self.hub.deliver(event_id, payload)
+        else:
+            self.waiting.append((event_id, payload))
+
+    def hold(self) -> None:
+        self.waiting = []
+
+    def release(self) -> None:
+        waiting, self.waiting = self.waiting or [], None
+        for event_id, payload in waiting:
+            self.hub.deliver(event_id, payload)
+
+
+class Replicas:
+    """Hubs on one Redis prefix, as N replicas of the service; their refreshers do not run: the test
+    calls `refresh` itself. Every replica computes L1's snapshot from `state` (time passing, no post)."""
+
+    def __init__(self, make_settings: MakeSettings, prefix: str) -> None:
+        self.settings = live_settings(make_settings, alarm_check_seconds=60)
+        self.prefix = prefix
+        self.state: dict[str, Any] = {"alarm": "ok"}
+        self.hubs: list[Any] = []
+        self.held: list[HeldDeliveries] = []
+        self.sentinels = 0
+
+    def _compute(self, lines: list[str], now: datetime) -> list[dict[str, Any]]:
+        return [{"line_id": line_id, **self.state} for line_id in lines]
+
+    async def add(self) -> Any:
+        from serving.live import LiveEvents, RedisBroker
+
+        hub = LiveEvents(self.settings, None, RedisBroker(REDIS_URL, self.prefix))  # type: ignore[arg-type]
+        hub._compute = self._compute  # type: ignore[method-assign]
+        held = HeldDeliveries(hub)
+        await hub.broker.start(held.deliver, hub.resend_all)
+        self.hubs.append(hub)
+        self.held.append(held)
+        return hub
+
+    async def change_seen_by_all(self, **state: Any) -> None:
+        """Every replica computes the new snapshot before it hears any replica's event of it."""
+        self.state.update(state)
+        for held in self.held:
+            held.hold()
+        for hub in self.hubs:
+            await hub.refresh(["L1"])
+        for held in self.held:
+            held.release()
+
+    async def settle(self) -> None:
+        """Wait until every event published so far has reached every hub: one channel keeps its order,
+        so a marker published last arrives after all of them."""
+        self.sentinels += 1
+        marker = {"line_id": "L2", "marker": self.sentinels}
+        await self.hubs[0].broker.publish(marker)
+        arrived = await _until(
+            lambda: all(hub.latest.get("L2") and hub.latest["L2"].payload == marker for hub in self.hubs), 5
+        )
+        assert arrived, "an event published to Redis did not reach every replica"
+
+    async def stop(self) -> None:
+        for hub in self.hubs:
+            await hub.stop()
+
+
+def _drain(client: Any) -> list[tuple[int, str]]:
+    """The L1 events queued for a client so far: (id, alarm)."""
+    events = []
+    while not client.queue.empty():
+        event = client.queue.get_nowait()
+        events.append((event.id, event.payload["alarm"]))
+    return events
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("alarms", [["alarm"], ["alarm", "ok", "alarm"]], ids=["one-change", "A-B-A"])
+def test_replicas_publish_a_time_driven_change_once(
+    make_settings: MakeSettings, redis_prefix: str, alarms: list[str]
+) -> None:
+    """Two replicas compute the same change (the takt ran out: no post) before either hears the other:
+    each screen gets it once, whichever replica it is connected to. A line that goes back to an earlier
+    state is published again: only the last published snapshot is skipped, not every one seen."""
+
+    async def run() -> None:
+        replicas = Replicas(make_settings, redis_prefix)
+        try:
+            first, second = await replicas.add(), await replicas.add()
+            await first.refresh(["L1"])  # the line's state before: heard by both
+            await replicas.settle()
+            screens = [first.connect("L1"), second.connect("L1")]
+            for alarm in alarms:
+                await replicas.change_seen_by_all(alarm=alarm)
+                await replicas.settle()
+            seen = [_drain(screen) for screen in screens]
+            assert [alarm for _id, alarm in seen[0]] == alarms, "a change went out more than once, or never"
+            assert seen[1] == seen[0], "the replicas' screens were told different events"
+            assert len({event.id for event in second.recent}) == len(second.recent), "an id twice in replay"
+            # the record of what went out last expires: a stale one cannot silence a line for good
+            ttl = await first.broker.client.pttl(f"{redis_prefix}:last-snapshot:L1")
+            assert 0 < ttl <= 60_000
+        finally:
+            await replicas.stop()
+
+    asyncio.run(run())
+
+
+@pytest.mark.redis
+def test_a_resend_after_an_outage_and_a_new_replica_publish_what_went_out_already(
+    make_settings: MakeSettings, redis_prefix: str
+) -> None:
+    """The dedupe never costs a screen its state: a replica that missed events (its broker subscribed
+    again after an outage and calls `resend_all`) publishes every line even though Redis records that
+    snapshot as sent, and so does a replica that starts after it went out (its screens never got it)."""
+
+    async def run() -> None:
+        replicas = Replicas(make_settings, redis_prefix)
+        try:
+            first, second = await replicas.add(), await replicas.add()
+            await first.refresh(["L1"])
+            await replicas.settle()
+            screen = first.connect("L1")
+            await replicas.change_seen_by_all(alarm="alarm")
+            await replicas.settle()
+            changes = _drain(screen)
+            assert len(changes) == 1, f"the change went out {len(changes)} times, not once"
+            [(changed, _alarm)] = changes
+
+            second.resend_all()  # what its broker calls after subscribing again
+            await second.refresh(["L1"])
+            await replicas.settle()
+            resends = _drain(screen)
+            assert len(resends) == 1, "the resend after an outage was skipped"
+            [(resent, alarm)] = resends
+            assert resent > changed and alarm == "alarm"
+
+            third = await replicas.add()  # a replica started now: nothing of L1 has reached it
+            await third.refresh(["L1"])
+            await replicas.settle()
+            latest = third.latest.get("L1")
+            assert latest and latest.payload["alarm"] == "alarm", "a new replica's screens lack the line"
+            assert len(_drain(screen)) == 1
+        finally:
+            await replicas.stop()
+
+    asyncio.run(run())
+
+
 def test_stop_waits_for_the_snapshot_query_in_flight(make_settings: MakeSettings) -> None:
     # a query still running after the service stopped held table locks and deadlocked the
     # PostgreSQL tests' DROP TABLE; stop() must return only once it has finished
@@ -696,11 +857,11 @@ def test_a_failed_publish_is_published_again(make_settings: MakeSettings) -> Non
     class BlippingBroker(InProcessBroker):
         failures = 1
 
-        async def publish(self, payload: dict[str, Any]) -> None:
+        async def publish(self, payload: dict[str, Any], *, force: bool = False) -> None:
             if self.failures:
                 self.failures -= 1
                 raise ConnectionError("the broker blipped")
-            await super().publish(payload)
+            await super().publish(payload, force=force)
 
     async def run() -> set[str]:
         # no periodic pass within the test: only the retry of the failed refresh can publish
