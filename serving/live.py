@@ -62,6 +62,10 @@ EVENT_NAME = "line"
 RETRY_MS = 2000  # how soon a browser reconnects after the stream drops
 DISCONNECT_CHECK_SECONDS = 5.0
 REFRESH_RETRY_MAX_SECONDS = 10.0  # the longest pause between retries of a failing refresh
+# refreshes failed in a row from which /healthz reports the live stream down: one is a hiccup (a
+# database or broker blip, retried at once), three in a row (about 7 s of retries) is an outage, e.g. a
+# Redis that refuses the publishing script
+REFRESH_FAILURES_DOWN = 3
 SUBSCRIBE_TIMEOUT_SECONDS = 10.0  # a Redis host that drops packets would otherwise hang a (re)subscribe
 
 
@@ -358,6 +362,7 @@ class LiveEvents:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._computing: asyncio.Future[list[dict[str, Any]]] | None = None  # the snapshot query in flight
+        self.refresh_failures = 0  # refreshes failed in a row (database or broker), for /healthz
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -375,6 +380,12 @@ class LiveEvents:
             }
         if not self.broker.connected:
             reason = "the event broker is unreachable: reconnecting, screens are not updated meanwhile"
+            return {"status": "down", "reason": reason, "clients": len(self.clients)}
+        if self.refresh_failures >= REFRESH_FAILURES_DOWN:
+            reason = (
+                f"the last {self.refresh_failures} snapshot refreshes failed (see the log): screens are not "
+                "updated meanwhile"
+            )
             return {"status": "down", "reason": reason, "clients": len(self.clients)}
         return {"status": "ok", "clients": len(self.clients)}
 
@@ -411,7 +422,6 @@ class LiveEvents:
     async def _refresh_forever(self) -> None:
         loop = asyncio.get_running_loop()
         next_full = loop.time()  # the first pass computes every line: screens get state at once
-        failures = 0  # refreshes failed in a row: retries back off during an outage
         while True:
             with anyio.move_on_after(max(0.0, next_full - loop.time())):
                 await self._wake.wait()
@@ -425,7 +435,8 @@ class LiveEvents:
             try:
                 await self.refresh(sorted(lines))
             except Exception:  # a database or broker hiccup must not end live updates for good
-                failures += 1
+                self.refresh_failures += 1
+                failures = self.refresh_failures  # retries back off during an outage
                 if failures == 1:  # the traceback once; an outage's every retry would flood the log
                     log.exception("live refresh of %s failed; retrying", sorted(lines))
                 else:
@@ -434,9 +445,9 @@ class LiveEvents:
                 self._wake.set()  # try those lines again after the pause, not at the next full pass
                 await anyio.sleep(min(REFRESH_RETRY_MAX_SECONDS, 2.0 ** (failures - 1)))
             else:
-                if failures:
-                    log.info("live refresh works again after %d failures", failures)
-                failures = 0
+                if self.refresh_failures:
+                    log.info("live refresh works again after %d failures", self.refresh_failures)
+                self.refresh_failures = 0
             await anyio.sleep(self.settings.events_min_interval_seconds)
 
     async def refresh(self, lines: list[str]) -> None:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from unittest.mock import patch
 
 import httpx
 import numpy as np
@@ -880,6 +881,47 @@ def test_a_failed_publish_is_published_again(make_settings: MakeSettings) -> Non
         return set(hub.latest)
 
     assert asyncio.run(run()) == {"L1", "L2"}
+
+
+def test_health_says_down_once_refreshes_keep_failing_and_ok_when_they_work_again(
+    make_settings: MakeSettings,
+) -> None:
+    # e.g. a Redis that refuses the publishing script: the subscription is up, yet nothing goes out
+    from serving.live import InProcessBroker, LiveEvents
+
+    class RefusingBroker(InProcessBroker):
+        refusals = 3
+
+        async def publish(self, payload: dict[str, Any], *, force: bool = False) -> None:
+            if self.refusals:
+                self.refusals -= 1
+                raise ConnectionError("NOSCRIPT scripting is disabled")
+            await super().publish(payload, force=force)
+
+    async def run() -> tuple[list[str], str]:
+        settings = make_settings(alarm_check_seconds=60, events_min_interval_seconds=0.0)
+        hub = LiveEvents(settings, None, RefusingBroker())  # type: ignore[arg-type]
+        hub._compute = _fixed_snapshots  # type: ignore[method-assign]
+        seen: list[str] = []
+        with patch("serving.live.REFRESH_RETRY_MAX_SECONDS", 0.05):
+            await hub.start()
+            try:
+                deadline = time.monotonic() + 5
+                while len(hub.latest) < 2 and time.monotonic() < deadline:
+                    status = hub.health()
+                    if not seen or seen[-1] != status["status"]:
+                        seen.append(str(status["status"]))
+                        if status["status"] == "down":
+                            reason = str(status["reason"])
+                    await asyncio.sleep(0.005)
+                seen.append(str(hub.health()["status"]))
+            finally:
+                await hub.stop()
+        return seen, reason
+
+    seen, reason = asyncio.run(run())
+    assert seen[0] == "ok" and "down" in seen and seen[-1] == "ok", seen
+    assert "snapshot refreshes failed" in reason
 
 
 def test_a_stream_sends_each_event_once_on_connect_and_on_resume(make_settings: MakeSettings) -> None:
