@@ -22,6 +22,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "write reviewed cells (PNG + manifest) from the service's store, for retraining",
     ),
     "models": ("training.models", "cli", "model registry: list, evaluate, promote, rollback, shadow"),
+    "prune-frames": (
+        "serving.cli",
+        "prune_frames_cli",
+        "run the frame retention pass now, or count what it would delete (--dry-run)",
+    ),
 }
 
 

@@ -12,6 +12,10 @@ A pruned row keeps its verdict and cells; `frame_pruned_at` says when its file w
 answer 410 (serving/views.py `stored_frame_path`). Identical bytes are stored once for all their rows,
 so a file goes only when no kept row (one not pruned in the same step) references its sha256.
 
+`would_prune` is the dry run (`pvqc prune-frames --dry-run`): what a pass would delete now, counted
+with the pass's own rule (`marks`, `candidate_digests`, `needs_the_bytes`) by reads only, so it is safe
+beside a running service; rows and files it counts may of course change before a pass runs.
+
 Race safety, per digest, in one transaction: mark the digest's prunable rows (an UPDATE: on SQLite
 this takes the database's write lock), take the digest's frame lock (`serving.store.lock_frame`: on
 PostgreSQL an advisory lock across replicas), check that no unmarked row references the digest,
@@ -36,7 +40,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, CursorResult, and_, exists, func, or_, select, text, update
+from sqlalchemy import ColumnElement, CursorResult, and_, case, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from serving.db import Inspection, ReviewDecision, utcnow
@@ -64,6 +68,7 @@ class PruneResult:
     rows: int = 0  # inspections marked pruned
     kept_shared: int = 0  # digests left alone: a kept row references the same bytes
     failed: int = 0  # digests whose file could not be deleted (nothing marked; tried next pass)
+    skipped: bool = False  # no pass ran: another replica was running one (PostgreSQL)
 
     def __add__(self, other: PruneResult) -> PruneResult:
         return PruneResult(
@@ -72,6 +77,7 @@ class PruneResult:
             self.rows + other.rows,
             self.kept_shared + other.kept_shared,
             self.failed + other.failed,
+            self.skipped or other.skipped,
         )
 
 
@@ -90,6 +96,22 @@ def prunable(cutoff: datetime, sample_rate: float) -> ColumnElement[bool]:
     )
 
 
+def marks(cutoff: datetime, sample_rate: float) -> ColumnElement[bool]:
+    """The rows a pass marks pruned: prunable ones that still hold their frame."""
+    return and_(Inspection.frame_pruned_at.is_(None), prunable(cutoff, sample_rate))
+
+
+def needs_the_bytes(cutoff: datetime, sample_rate: float, marked: ColumnElement[bool]) -> ColumnElement[bool]:
+    """The shared-bytes check: a row that keeps its frame's file on disk. That is a row not `marked`
+    pruned (in this step or before) and a marked one that is no longer prunable.
+
+    The pass asks it after its marks (`marked`: `frame_pruned_at` is set); the dry run, which marks
+    nothing, counts the rows the pass would mark as marked. Marking a prunable row leaves it prunable
+    (it was outside the review queue, and a pruned row never enters it), so both ask the same question.
+    """
+    return or_(~marked, ~prunable(cutoff, sample_rate))
+
+
 def candidate_digests(
     sessions: sessionmaker[Session], cutoff: datetime, sample_rate: float, after: str, limit: int = PAGE
 ) -> list[str]:
@@ -100,7 +122,7 @@ def candidate_digests(
     """
     statement = (
         select(Inspection.frame_sha256)
-        .where(Inspection.frame_pruned_at.is_(None), prunable(cutoff, sample_rate))
+        .where(marks(cutoff, sample_rate))
         .where(Inspection.frame_sha256 > after)
         .distinct()
         .order_by(Inspection.frame_sha256)
@@ -121,11 +143,7 @@ def prune_digest(
     with sessions() as session:
         result = session.execute(
             update(Inspection)
-            .where(
-                Inspection.frame_sha256 == digest,
-                Inspection.frame_pruned_at.is_(None),
-                prunable(cutoff, sample_rate),
-            )
+            .where(Inspection.frame_sha256 == digest, marks(cutoff, sample_rate))
             .values(frame_pruned_at=utcnow()),
             execution_options={"synchronize_session": False},  # no SELECT before the UPDATE (SQLite lock)
         )
@@ -141,7 +159,7 @@ def prune_digest(
         kept = session.scalar(
             select(func.count(Inspection.id)).where(
                 Inspection.frame_sha256 == digest,
-                or_(Inspection.frame_pruned_at.is_(None), ~prunable(cutoff, sample_rate)),
+                needs_the_bytes(cutoff, sample_rate, Inspection.frame_pruned_at.is_not(None)),
             )
         )
         if kept:
@@ -168,16 +186,26 @@ def delete_frame_files(frames: FrameStore, digest: str, content_types: Sequence[
     costs disk, not correctness.
     """
     deleted = freed = 0
-    for content_type in content_types:
-        path = frames.path_for(digest, ImageType(content_type).extension)
+    for path, size in frame_files(frames, digest, content_types):
         try:
-            size = path.stat().st_size
             path.unlink()
-        except FileNotFoundError:  # deleted by a pass whose commit failed, or by hand
+        except FileNotFoundError:  # deleted meanwhile, by hand
             continue
         deleted += 1
         freed += size
     return deleted, freed
+
+
+def frame_files(frames: FrameStore, digest: str, content_types: Sequence[str]) -> list[tuple[Path, int]]:
+    """The digest's frame files on disk, with their sizes: those a pass would delete."""
+    found = []
+    for content_type in content_types:
+        path = frames.path_for(digest, ImageType(content_type).extension)
+        try:
+            found.append((path, path.stat().st_size))
+        except FileNotFoundError:  # deleted by a pass whose commit failed, or by hand
+            continue
+    return found
 
 
 def delete_previews(previews: Path, digest: str) -> None:
@@ -228,7 +256,7 @@ def prune_frames(
     with one_pass_at_a_time(sessions) as mine:
         if not mine:
             log.info("frame retention pass skipped: another replica is running one")
-            return PruneResult()
+            return PruneResult(skipped=True)
         return _prune_all(sessions, frames, cutoff, sample_rate, previews, observe, stop)
 
 
@@ -267,6 +295,70 @@ def _prune_all(
             log.info("frame retention under way: %s", describe(total))
     log.info(
         "frame retention pass (PASS frames before %s): %s",
+        cutoff.isoformat(timespec="seconds"),
+        describe(total),
+    )
+    return total
+
+
+def would_prune(
+    sessions: sessionmaker[Session],
+    frames: FrameStore,
+    days: int,
+    sample_rate: float,
+    *,
+    now: datetime | None = None,
+    stop: threading.Event | None = None,
+) -> PruneResult:
+    """The dry run: what `prune_frames` with these arguments would delete now, by reads only.
+
+    The pass's walk (`candidate_digests`) and, per digest, its marks (`marks`) and its shared-bytes
+    check (`needs_the_bytes`, the rows the pass would mark counted as marked), a page of digests per
+    query; the files it would delete are those on disk now. Nothing is marked, locked or deleted, so
+    it is safe beside a running service, and a pass run later may find what changed meanwhile.
+    `stop` ends it between pages (the result then counts the pages done).
+    """
+    cutoff = retention_cutoff(now or utcnow(), days)
+    marked = marks(cutoff, sample_rate)
+    kept = needs_the_bytes(cutoff, sample_rate, or_(Inspection.frame_pruned_at.is_not(None), marked))
+    total = PruneResult()
+    after = ""
+    while digests := candidate_digests(sessions, cutoff, sample_rate, after):
+        if stop is not None and stop.is_set():
+            log.info("frame retention dry run stopped: %s", describe(total))
+            return total
+        with sessions() as session:
+            counts = {
+                digest: (marking, keeping)
+                for digest, marking, keeping in session.execute(
+                    select(
+                        Inspection.frame_sha256,
+                        func.count(case((marked, 1))),
+                        func.count(case((kept, 1))),
+                    )
+                    .where(Inspection.frame_sha256.in_(digests))
+                    .group_by(Inspection.frame_sha256)
+                ).tuples()
+            }
+            content_types: dict[str, list[str]] = {}
+            for digest, content_type in session.execute(
+                select(Inspection.frame_sha256, Inspection.frame_content_type)
+                .where(Inspection.frame_sha256.in_(digests))
+                .distinct()
+            ).tuples():
+                content_types.setdefault(digest, []).append(content_type)
+        for digest in digests:
+            rows, keeping = counts.get(digest, (0, 0))
+            if not rows:  # pruned or no longer prunable since the page was read: the pass skips it too
+                continue
+            if keeping:
+                total += PruneResult(kept_shared=1)
+                continue
+            files = frame_files(frames, digest, content_types.get(digest, []))
+            total += PruneResult(frames=len(files), bytes=sum(size for _, size in files), rows=rows)
+        after = digests[-1]
+    log.info(
+        "frame retention dry run (PASS frames before %s), nothing changed; a pass now: %s",
         cutoff.isoformat(timespec="seconds"),
         describe(total),
     )

@@ -5,6 +5,8 @@ racing the pass always commits with its file on disk, on SQLite and PostgreSQL."
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ from pvqc import main as pvqc_main
 from serving.app import create_app
 from serving.db import Inspection, ReviewDecision, make_engine, upgrade_head, utcnow
 from serving.export_reviewed import export_reviewed
-from serving.retention import PASS_LOCK_SPACE, PruneResult, prune_frames
+from serving.retention import PASS_LOCK_SPACE, PruneResult, prune_frames, would_prune
 from serving.review import SAMPLE_MULTIPLIER, SAMPLE_PRIME, SAMPLE_SCALE
 from serving.settings import Settings
 from serving.store import FrameStore, StagedFrame, insert_inspection, sha256_hex
@@ -204,7 +206,8 @@ def test_replicas_on_postgresql_take_turns_at_a_pass(store: Store, database_url:
     key = {"space": PASS_LOCK_SPACE, "key": 0}
     with engine.connect() as other_replica:  # runs a pass right now
         assert other_replica.scalar(text("SELECT pg_try_advisory_lock(:space, :key)"), key)
-        assert prune(store) == PruneResult()  # skipped: the other replica's pass does the work
+        # skipped: the other replica's pass does the work
+        assert prune(store) == PruneResult(skipped=True)
         assert frame_path(store, data).is_file()
         other_replica.execute(text("SELECT pg_advisory_unlock(:space, :key)"), key)
     assert prune(store).frames == 1
@@ -456,3 +459,196 @@ def test_a_sampled_pass_whose_frame_was_pruned_leaves_the_review_queue(store: St
     with store.sessions() as session:
         queued = session.scalars(select(Inspection.id).where(in_queue(rate))).all()
     assert queued == []
+
+
+# -- pvqc prune-frames ------------------------------------------------------------------------------
+
+
+def prune_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
+    """Exit status and the one JSON line of `pvqc prune-frames` on stdout."""
+    code = pvqc_main(["prune-frames", *args])
+    out = capsys.readouterr().out
+    assert out.endswith("\n") and out.count("\n") == 1, out
+    return code, json.loads(out)
+
+
+def prune_cli_error(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """Exit status and stderr of a `pvqc prune-frames` that fails: one line, no traceback, no output."""
+    code = pvqc_main(["prune-frames", *args])
+    captured = capsys.readouterr()
+    err = captured.err
+    assert captured.out == "" and err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
+    assert err.startswith("pvqc prune-frames: "), err
+    return code, err
+
+
+def store_state(sessions: sessionmaker[Session], root: Path) -> tuple[list[Any], list[tuple[str, int]]]:
+    """Every row's frame_pruned_at and every file under `root` with its size."""
+    with sessions() as session:
+        rows = list(
+            session.execute(select(Inspection.id, Inspection.frame_pruned_at).order_by(Inspection.id))
+        )
+    files = sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+    return rows, files
+
+
+def test_prune_frames_dry_run_counts_what_its_pass_then_deletes_as_the_service_would(
+    make_settings: MakeSettings,
+    database_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rate = 0.5  # the service's sample rate: the command must take it from the settings, as the service
+    monkeypatch.setenv("PVQC_FRAME_RETENTION_DAYS", str(DAYS))
+    monkeypatch.setenv("PVQC_REVIEW_PASS_SAMPLE_RATE", str(rate))
+    settings = make_settings(database_url=database_url, review_pass_sample_rate=rate)
+    where = ["--var-dir", str(settings.var_dir), "--database-url", database_url]
+    engine = make_engine(database_url)
+    try:
+        upgrade_head(engine)
+        store = Store(sessionmaker(engine, expire_on_commit=False), FrameStore(settings.resolved_frames_dir))
+        data = {name: f"frame of {name}".encode() for name in ("GO", "SAMPLED", "TWIN", "FAIL", "NEW")}
+        data |= {"REVIEW": b"a flagged frame", "REVIEWED": b"a reviewed frame", "SHARED": b"shared bytes"}
+        # ids of fresh tables, in this order: of the PASS rows 2, 6 and 9 fall in the 50 % sample
+        ids = {
+            "GO": insert(store, "GO", data["GO"]),
+            "SAMPLED": insert(store, "SAMPLED", data["SAMPLED"]),
+            "TWIN-1": insert(store, "TWIN-1", data["TWIN"]),
+            "FAIL": insert(store, "FAIL", data["FAIL"], "FAIL"),
+            "TWIN-2": insert(store, "TWIN-2", data["TWIN"]),  # the same bytes: one file, two rows
+            "NEW": insert(store, "NEW", data["NEW"], age_days=NEW),
+            "REVIEW": insert(store, "REVIEW", data["REVIEW"], "REVIEW"),
+            "REVIEWED": insert(store, "REVIEWED", data["REVIEWED"]),
+            "SHARED-NEW": insert(store, "SHARED-NEW", data["SHARED"], age_days=NEW),
+            "SHARED-OLD": insert(store, "SHARED-OLD", data["SHARED"]),  # kept for the recent row
+        }
+        review(store.sessions, ids["REVIEWED"])
+        passes = {name: i for name, i in ids.items() if name not in ("FAIL", "REVIEW")}
+        assert {name for name, i in passes.items() if sampled(i, rate)} == {"SAMPLED", "NEW", "SHARED-NEW"}
+        previews = settings.resolved_frames_dir / "previews"
+        previews.mkdir()
+        for name in ("GO", "SAMPLED"):
+            (previews / f"{sha256_hex(data[name])}-360.jpg").write_bytes(b"a cached preview")
+        before = store_state(store.sessions, settings.var_dir)
+
+        code, dry = prune_cli(capsys, "--dry-run", *where)
+
+        assert code == 0 and dry["dry_run"] is True and (dry["days"], dry["sample_rate"]) == (DAYS, rate)
+        gone = ("GO", "TWIN-1", "TWIN-2")
+        freed = len(data["GO"]) + len(data["TWIN"])
+        counts = {key: dry[key] for key in ("inspections", "frames", "bytes", "kept_shared", "failed")}
+        assert counts == {"inspections": 3, "frames": 2, "bytes": freed, "kept_shared": 1, "failed": 0}
+        assert store_state(store.sessions, settings.var_dir) == before  # nothing changed
+        # --days wins over PVQC_FRAME_RETENTION_DAYS: no row is 100 days old
+        code, older = prune_cli(capsys, "--dry-run", "--days", "100", *where)
+        assert code == 0 and (older["days"], older["inspections"], older["frames"]) == (100, 0, 0)
+
+        code, done = prune_cli(capsys, *where)  # the real pass, with the settings' days
+
+        assert code == 0 and done["dry_run"] is False and not done["skipped"] and not done["stopped"]
+        assert {key: done[key] for key in counts} == counts  # what the dry run said, exactly
+        for name, inspection_id in ids.items():
+            assert (pruned_at(store.sessions, inspection_id) is not None) is (name in gone), name
+        for name, frame in data.items():
+            assert frame_path(store, frame).exists() is (name not in ("GO", "TWIN")), name
+        assert [p.name for p in previews.iterdir()] == [f"{sha256_hex(data['SAMPLED'])}-360.jpg"]
+        code, again = prune_cli(capsys, "--dry-run", *where)
+        assert code == 0 and (again["inspections"], again["frames"], again["kept_shared"]) == (0, 0, 1)
+        after = store_state(store.sessions, settings.var_dir)
+    finally:
+        engine.dispose()
+    # the service with the same settings finds nothing more to delete: the command did its pass
+    with TestClient(
+        create_app(settings.model_copy(update={"frame_retention_days": DAYS})), headers=AUTH
+    ) as client:
+        pruner = client.app.state.services.retention  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 30
+        while not pruner.passes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pruner.last == PruneResult(kept_shared=1)
+        assert store_state(client.app.state.services.sessions, settings.var_dir) == after  # type: ignore[attr-defined]
+
+
+def test_a_dry_run_only_reads_beside_a_writer_and_another_replicas_pass(
+    store: Store, database_url: str
+) -> None:
+    data = b"an old PASS frame"
+    inspection_id = insert(store, "OLD", data)
+    outcome: dict[str, Any] = {}
+    runner = threading.Thread(
+        target=lambda: outcome.update(result=would_prune(store.sessions, store.frames, DAYS, 0.0))
+    )
+    if database_url.startswith("sqlite"):
+        # a writer holds SQLite's write lock: the pass would wait for it, the dry run reads on
+        writer = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            writer.execute("UPDATE inspections SET serial = serial")
+            runner.start()
+            runner.join(timeout=20)
+        finally:
+            writer.rollback()
+            writer.close()
+    else:
+        # another replica's pass holds the pass lock and has marked the row (uncommitted, row locked)
+        with store.sessions.kw["bind"].connect() as other:
+            key = {"space": PASS_LOCK_SPACE, "key": 0}
+            assert other.scalar(text("SELECT pg_try_advisory_lock(:space, :key)"), key)
+            other.execute(text("UPDATE inspections SET serial = serial"))
+            runner.start()
+            runner.join(timeout=20)
+            other.rollback()
+            other.execute(text("SELECT pg_advisory_unlock(:space, :key)"), key)
+            other.commit()
+    assert not runner.is_alive(), "the dry run waited for a lock"
+    assert outcome["result"] == PruneResult(frames=1, bytes=len(data), rows=1)
+    assert frame_path(store, data).is_file() and pruned_at(store.sessions, inspection_id) is None
+
+
+def test_prune_frames_refuses_bad_or_missing_days_and_unreadable_stores_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PVQC_FRAME_RETENTION_DAYS", raising=False)
+    var = tmp_path / "var"
+    for days in ("0", "-3", "a month", "1.5"):
+        code, err = prune_cli_error(capsys, "--days", days, "--dry-run", "--var-dir", str(var))
+        assert code == 2 and "--days: expected a whole number of days >= 1" in err and repr(days) in err
+    code, err = prune_cli_error(capsys, "--dry-run", "--var-dir", str(var))
+    assert code == 2 and "expected --days N or PVQC_FRAME_RETENTION_DAYS" in err
+    monkeypatch.setenv("PVQC_FRAME_RETENTION_DAYS", "0")
+    code, err = prune_cli_error(capsys, "--dry-run", "--var-dir", str(var))
+    assert code == 2 and "frame_retention_days" in err and "at least 1" in err
+    monkeypatch.setenv("PVQC_FRAME_RETENTION_DAYS", str(DAYS))
+    code, err = prune_cli_error(capsys, "--var-dir", str(var))
+    assert code == 2 and f"no database at {var / 'pvqc.db'}" in err
+    assert list(tmp_path.iterdir()) == []  # no stray pvqc.db or frames/
+    (var / "frames").mkdir(parents=True)
+    (var / "pvqc.db").write_bytes(b"")  # a file, but not a pvqc service's database
+    for args in ((), ("--dry-run",)):
+        code, err = prune_cli_error(capsys, *args, "--var-dir", str(var))
+        assert code == 2 and "cannot read the service's database" in err and "no such table" in err
+    code, err = prune_cli_error(
+        capsys, "--var-dir", str(var), "--database-url", "postgresql+psycopg://127.0.0.1:1/x"
+    )
+    assert code == 2 and "cannot read the service's database at postgresql+psycopg://127.0.0.1:1/x" in err
+
+
+def test_prune_frames_says_when_another_replicas_pass_ran_instead(
+    store: Store, database_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite: one process, one pruner: a pass always runs")
+    data = b"an old PASS frame"
+    insert(store, "OLD", data)
+    where = ["--days", str(DAYS), "--var-dir", str(tmp_path), "--database-url", database_url]
+    assert store.frames.root == tmp_path / "frames"
+    with store.sessions.kw["bind"].connect() as other_replica:
+        key = {"space": PASS_LOCK_SPACE, "key": 0}
+        assert other_replica.scalar(text("SELECT pg_try_advisory_lock(:space, :key)"), key)
+        code, skipped = prune_cli(capsys, *where)
+        other_replica.execute(text("SELECT pg_advisory_unlock(:space, :key)"), key)
+        other_replica.commit()
+    assert code == 1 and skipped["skipped"] is True and skipped["frames"] == 0
+    assert frame_path(store, data).is_file()
+    code, done = prune_cli(capsys, *where)
+    assert code == 0 and done["skipped"] is False and done["frames"] == 1
