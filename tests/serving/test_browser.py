@@ -3,7 +3,8 @@
 The screen updates live from the stream without a reload and raises the alarm when the floor is
 crossed; an engineer signs in, opens a flagged module, corrects a cell with the keyboard and the
 decision lands in the audit trail; a frame that is gone (pruned by the retention policy, or lost)
-reads as text on the review page, not as a broken image; a line key cannot open the review page.
+reads as text on the review page, not as a broken image, and gets no heat map request; a preview
+whose retry succeeds is shown; a line key cannot open the review page.
 Each page is saved as a screenshot under test-artifacts/ for a person to look at.
 """
 
@@ -207,12 +208,16 @@ def test_a_frame_that_is_gone_reads_as_text_not_a_broken_image(
     settings = make_settings(review_pass_sample_rate=0.0)
     frames = FrameStore(settings.resolved_frames_dir)
     lost_body = frame(6, 10, mid=[(0, 0)])  # a REVIEW: never pruned, its file is deleted by hand below
+    cached_body = frame(6, 10, mid=[(1, 1)])  # the same, but its preview was made before
     with serve_in_thread(settings) as address:
         base = f"http://{address}"
         with httpx.Client(base_url=base, headers=AUTH, timeout=30) as api:
             key = api.post("/keys", json={"name": "eng", "role": "engineer"}).json()["key"]
             pruned = post(api, "L1", "OLD", frame(6, 10))
             lost = post(api, "L1", "LOST", lost_body)
+            cached = post(api, "L1", "CACHED", cached_body)
+            assert api.get(f"/inspections/{cached}/preview", params={"width": 1600}).status_code == 200
+            blip = post(api, "L1", "BLIP", frame(6, 10, dark=[(2, 2)]))  # its frame stays
         engine = make_engine(settings.resolved_database_url)
         try:
             sessions = sessionmaker(engine, expire_on_commit=False)
@@ -223,9 +228,12 @@ def test_a_frame_that_is_gone_reads_as_text_not_a_broken_image(
             assert prune_frames(sessions, frames, 30, 0.0).frames == 1
         finally:
             engine.dispose()
-        frames.path_for(hashlib.sha256(lost_body).hexdigest(), "png").unlink()
+        for body in (lost_body, cached_body):
+            frames.path_for(hashlib.sha256(body).hexdigest(), "png").unlink()
 
         page = browser.new_page(viewport={"width": 1680, "height": 1050})
+        requested: list[str] = []
+        page.on("request", lambda request: requested.append(urlsplit(request.url).path))
         sign_in(page, base, "/review", key)
         page.goto(f"{base}/review#inspection={pruned}")
         page.reload()  # the page opens the module its address names when it starts
@@ -240,7 +248,61 @@ def test_a_frame_that_is_gone_reads_as_text_not_a_broken_image(
         page.reload()
         page.wait_for_selector("#frame-gone")  # the preview's 410 replaced the image with its reason
         assert "could not be shown" in page.text_content("#frame-gone")
-        assert "is no longer stored" in page.text_content("#frame-gone")
+        assert page.text_content("#frame-gone").count("is no longer stored") == 1  # the server's text, once
+        page.keyboard.press("ArrowRight")  # a redraw shows what the page learned, asking nothing again
+        assert page.locator("#frame-gone").count() == 1 and page.query_selector("#module img") is None
+        page.keyboard.press("h")  # a frame the page knows is gone: no heat map is asked for
+        page.wait_for_function(
+            "() => document.getElementById('heat-note').textContent.startsWith('No heat map')"
+        )
+        assert "is no longer stored" in page.text_content("#heat-note")
+        assert requested.count(f"/inspections/{lost}/preview") == 2  # the image, and one retry for its reason
+        assert not [path for path in requested if path.startswith(f"/review/inspections/{lost}/cells/")]
+
+        # a preview made before the frame was lost still shows; the heat map's 410 is remembered
+        page.goto(f"{base}/review#inspection={cached}")
+        page.reload()
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#module img')].some(i => i.complete && i.naturalWidth > 0)"
+        )
+        for _ in range(2):
+            page.evaluate("() => { document.getElementById('heat-note').textContent = ''; }")
+            page.keyboard.press("h")
+            page.wait_for_function(
+                "() => document.getElementById('heat-note').textContent.startsWith('No heat map')"
+            )
+            assert "is no longer stored" in page.text_content("#heat-note")
+        assert (
+            len([path for path in requested if path.startswith(f"/review/inspections/{cached}/cells/")]) == 1
+        )
+        assert page.query_selector("#frame-gone") is None
+
+        # a preview that fails once and loads on its retry shows the image, from the retry's bytes
+        failures: list[str] = []
+
+        def fail_once(route: Any) -> None:
+            if failures:
+                route.continue_()
+                return
+            failures.append(route.request.url)
+            route.fulfill(status=503, content_type="application/json", body='{"error": "busy, try again"}')
+
+        page.route(f"**/inspections/{blip}/preview*", fail_once)
+        page.goto(f"{base}/review#inspection={blip}")
+        page.reload()
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#module img')].some("
+            "i => i.src.startsWith('data:image/jpeg') && i.complete && i.naturalWidth > 0)"
+        )
+        assert failures and page.query_selector("#frame-gone") is None
+        page.keyboard.press("ArrowRight")  # redrawn from the same bytes, not downloaded again
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#module img')].some(i => i.complete && i.naturalWidth > 0)"
+        )
+        assert requested.count(f"/inspections/{blip}/preview") == 2
+        page.keyboard.press("h")  # the frame is there: its heat map is computed
+        page.wait_for_function("() => document.getElementById('heat-note').textContent.includes('p=')")
+        shoot(page, "review-preview-retried.png")
         page.close()
 
 

@@ -13,6 +13,12 @@
     module: null, // "PASS" | "FAIL" chosen explicitly, or null
     warnedUnsaved: false, // j / k was pressed once with unsaved labels
     nextBefore: null,
+    // what the page learned about the open module's frame beyond frame_pruned_at (null: nothing):
+    // { id, url, error, gone }: url, the preview failed once and its retry succeeded (a data: URL of
+    // those bytes, the page's CSP allows no blob:, shown on every redraw without downloading them
+    // again); error, why it cannot be shown (the server's text); gone, why the server said 410 (the
+    // frame is not stored): no heat map is asked for then
+    frame: null,
   };
   const $ = (id) => document.getElementById(id);
   const key = (r, c) => `${r},${c}`;
@@ -90,6 +96,8 @@
 
   async function openInspection(id, keepSelection = false) {
     state.open = await pvqc.api(`/review/inspections/${id}`);
+    // a reload after a save keeps what the page learned of the frame; opening a module asks afresh
+    if (!keepSelection || state.frame?.id !== id) state.frame = null;
     history.replaceState(null, "", `#inspection=${id}`);
     state.changes.clear();
     state.warnedUnsaved = false;
@@ -135,20 +143,18 @@
 
     const frame = document.createElement("div");
     frame.className = "frame big-frame";
+    const learned = state.frame?.id === o.inspection_id ? state.frame : null;
     if (o.frame_pruned_at) {
       // the retention policy deleted the frame: say so, and keep the grid on a blank of its shape
       frame.appendChild(frameGone(o, `Frame removed by the retention policy on ${new Date(o.frame_pruned_at).toLocaleString()}: the verdict and cell scores are kept, heat maps need the frame.`));
+    } else if (learned?.error) {
+      frame.appendChild(frameGone(o, `The frame could not be shown: ${learned.error}`));
     } else {
       const img = document.createElement("img");
-      img.src = `/inspections/${o.inspection_id}/preview?width=1600`;
+      img.src = learned?.url || previewUrl(o);
       img.alt = `frame of ${o.serial}`;
       // a frame that cannot be shown says why (the preview's JSON error), never a broken image
-      img.addEventListener("error", () => {
-        pvqc.api(img.src).then(
-          () => img.replaceWith(frameGone(o, "The frame could not be shown.")),
-          (error) => img.replaceWith(frameGone(o, `The frame could not be shown: ${error.message}`)),
-        );
-      }, { once: true });
+      img.addEventListener("error", () => frameFailed(o, img), { once: true });
       frame.appendChild(img);
     }
     const box = { width: o.frame_width, height: o.frame_height, rows: o.rows, cols: o.cols };
@@ -172,6 +178,58 @@
     main.appendChild(frame);
     main.appendChild(scoreTable(o));
     main.appendChild(historyList());
+  }
+
+  const previewUrl = (o) => `/inspections/${o.inspection_id}/preview?width=1600`;
+
+  // the preview did not load: ask once more, by fetch, which keeps the answer. A transient failure
+  // whose retry succeeds shows the image from the bytes of that retry; a real one shows the server's
+  // text in place of the image, once (redraws reuse what was learned, not a new request)
+  async function frameFailed(o, img) {
+    if (!img.isConnected) return; // a redraw replaced it: the image on show reports for itself
+    const id = o.inspection_id;
+    const src = img.getAttribute("src");
+    let learned;
+    if (src !== previewUrl(o)) {
+      // the retry's own bytes did not display: no third download
+      learned = { id, error: "the browser cannot display the preview" };
+    } else {
+      try {
+        const response = await fetch(src, { credentials: "same-origin" });
+        if (response.status === 401) {
+          pvqc.toSignIn();
+          return;
+        }
+        if (response.ok) {
+          learned = { id, url: await dataUrl(await response.blob()) };
+        } else {
+          const error = await errorText(response);
+          learned = { id, error, gone: response.status === 410 ? error : null };
+        }
+      } catch (error) {
+        learned = { id, error: error.message };
+      }
+    }
+    if (state.open?.inspection.inspection_id !== id) return; // another module was opened meanwhile
+    const known = state.frame?.id === id ? state.frame.gone : null;
+    state.frame = { ...learned, gone: learned.gone || known };
+    drawModule();
+  }
+
+  function dataUrl(blob) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(blob);
+    });
+  }
+
+  // the server's JSON error text, else the status
+  async function errorText(response) {
+    const json = response.headers.get("content-type")?.includes("json");
+    const body = json ? await response.json().catch(() => null) : null;
+    return body?.error || `HTTP ${response.status}`;
   }
 
   // in place of the frame: a dark area of the frame's shape (the grid stays clickable) and the reason
@@ -369,12 +427,43 @@
   async function heat() {
     if (!state.open || !state.selected) return;
     const [r, c] = state.selected;
-    if (state.open.inspection.frame_pruned_at) {
+    const o = state.open.inspection;
+    if (o.frame_pruned_at) {
       $("heat-note").textContent = "No heat map: the frame was removed by the retention policy.";
       return;
     }
+    const learned = state.frame?.id === o.inspection_id ? state.frame : null;
+    if (learned?.gone) {
+      // the server said the frame is not stored (its preview or an earlier heat map): not asked again
+      $("heat-note").textContent = `No heat map: ${learned.gone}`;
+      return;
+    }
     $("heat-note").textContent = "computing…";
-    const map = await pvqc.api(`/review/inspections/${state.open.inspection.inspection_id}/cells/${r}/${c}/heatmap`);
+    let response;
+    try {
+      response = await fetch(`/review/inspections/${o.inspection_id}/cells/${r}/${c}/heatmap`, {
+        credentials: "same-origin",
+      });
+    } catch (error) {
+      $("heat-note").textContent = `No heat map: ${error.message}`;
+      return;
+    }
+    if (response.status === 401) {
+      pvqc.toSignIn();
+      return;
+    }
+    if (!response.ok) {
+      const error = await errorText(response);
+      if (response.status === 410 && state.open?.inspection.inspection_id === o.inspection_id) {
+        // the frame went (lost, or pruned since the page read the module): remember it. A preview on
+        // show stays: it was made from the frame before
+        if (state.frame?.id === o.inspection_id) state.frame.gone = error;
+        else state.frame = { id: o.inspection_id, gone: error };
+      }
+      $("heat-note").textContent = `No heat map: ${error}`;
+      return;
+    }
+    const map = await response.json();
     const canvas = $("heat");
     const ctx = canvas.getContext("2d");
     const img = new Image();
