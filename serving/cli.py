@@ -87,13 +87,16 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def retention_days_arg(text: str) -> int:
+    from serving.settings import MAX_RETENTION_DAYS
+
     try:
         days = int(text)
     except ValueError:
         days = 0
-    if days < 1:
+    if not 1 <= days <= MAX_RETENTION_DAYS:
         raise argparse.ArgumentTypeError(
-            f"expected a whole number of days >= 1 (how long a PASS module's frame is kept), got {text!r}"
+            f"expected a whole number of days from 1 to {MAX_RETENTION_DAYS} (how long a PASS module's "
+            f"frame is kept), got {text!r}"
         )
     return days
 
@@ -107,7 +110,7 @@ def prune_frames_cli(argv: list[str]) -> int:
     from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.orm import sessionmaker
 
-    from serving.db import make_engine, utcnow
+    from serving.db import make_engine, schema_behind, utcnow
     from serving.export_reviewed import check_store, error_line
     from serving.retention import prune_frames, retention_cutoff, would_prune
     from serving.settings import Settings
@@ -158,6 +161,9 @@ def prune_frames_cli(argv: list[str]) -> int:
     try:
         engine = make_engine(database_url)
         try:
+            behind = schema_behind(engine)
+            if behind is not None:
+                return prune_failed(f"{behind} ({shown})")
             sessions = sessionmaker(engine, expire_on_commit=False)
             frames = FrameStore(settings.resolved_frames_dir)
             with stopping_on_signals(stop):

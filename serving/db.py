@@ -237,6 +237,24 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def schema_behind(engine: Engine) -> str | None:
+    """Why `engine`'s database is not at this code's schema (a tool that must not migrate asks), or None.
+
+    A tool run beside the service reads and writes the schema the service migrated to; an older one
+    lacks columns it needs, and a newer one belongs to a newer pvqc.
+    """
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current == head:
+        return None
+    found = "no pvqc schema" if current is None else f"schema revision {current}"
+    return f"the database has {found}, this pvqc needs {head}: start the service once (it migrates) and retry"
+
+
 def upgrade_head(engine: Engine) -> None:
     """Run Alembic `upgrade head` on `engine`; replicas starting together take turns (PostgreSQL lock)."""
     from alembic import command

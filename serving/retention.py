@@ -222,7 +222,8 @@ def one_pass_at_a_time(sessions: sessionmaker[Session]) -> Iterator[bool]:
     PostgreSQL: replicas sharing the database run their passes at the same hour and would walk the
     same digests in the same order, each waiting on the others' marks; a session-level advisory lock
     (on a connection of its own, in a key space apart from the frames') lets one pass run and the
-    others skip theirs. SQLite: always (embedded mode is one process with one pruner).
+    others skip theirs. SQLite: always (the service's pruner and a `pvqc prune-frames` beside it may
+    both run: each digest's step holds the write lock, so they only take turns).
     """
     bind = sessions.kw.get("bind")
     if bind is None or bind.dialect.name != "postgresql":

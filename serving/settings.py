@@ -35,6 +35,9 @@ def usable_cores() -> int:
 MIN_GRID = 2  # rows and columns of a module: with one, that axis has no gap to check the grid by
 
 
+MAX_RETENTION_DAYS = 36_500  # a century: beyond it a date before year 1 is only a crash away
+
+
 class LineConfig(BaseModel):
     """One production line: its module grid and what the shop-floor screen needs to judge it."""
 
@@ -193,10 +196,10 @@ class Settings(BaseSettings):
     @field_validator("frame_retention_days")
     @classmethod
     def _retention_of_whole_days(cls, days: int | None) -> int | None:
-        if days is not None and days < 1:
+        if days is not None and not 1 <= days <= MAX_RETENTION_DAYS:
             raise ValueError(
-                f"expected PVQC_FRAME_RETENTION_DAYS to be at least 1 (days a PASS module's frame is kept), "
-                f"got {days}; leave it unset to keep every frame"
+                f"expected PVQC_FRAME_RETENTION_DAYS from 1 to {MAX_RETENTION_DAYS} (days a PASS module's "
+                f"frame is kept), got {days}; leave it unset to keep every frame"
             )
         return days
 
