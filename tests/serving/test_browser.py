@@ -2,7 +2,8 @@
 
 The screen updates live from the stream without a reload and raises the alarm when the floor is
 crossed; an engineer signs in, opens a flagged module, corrects a cell with the keyboard and the
-decision lands in the audit trail; a frame that is gone (pruned by the retention policy, or lost)
+decision lands in the audit trail; a heat map that arrives after the next module was opened is
+not drawn over it; a frame that is gone (pruned by the retention policy, or lost)
 reads as text on the review page, not as a broken image, and gets no heat map request; a preview
 whose retry succeeds is shown; a line key cannot open the review page.
 Each page is saved as a screenshot under test-artifacts/ for a person to look at.
@@ -200,6 +201,65 @@ def test_engineer_corrects_a_cell_with_the_keyboard(browser: Any, site: dict[str
     ]
     module = trail[1]
     assert module["after"]["verdict"] == "PASS" and module["before"]["verdict"] == "FAIL"
+
+
+# whether anything is drawn on the heat map's canvas (256 x 256)
+HEAT_DRAWN = (
+    "() => document.getElementById('heat').getContext('2d').getImageData(0, 0, 256, 256).data.some(Boolean)"
+)
+
+
+def test_a_late_heat_map_is_not_drawn_over_the_next_module(browser: Any, site: dict[str, Any]) -> None:
+    api, base = site["api"], site["base"]
+    second = post(api, "L1", "B1", frame(6, 10, dark=[(1, 1)]))
+    first = post(api, "L1", "A1", frame(6, 10, dark=[(4, 8)]))  # the newest: first in the queue
+    page = browser.new_page(viewport={"width": 1680, "height": 1050})
+    sign_in(page, base, "/review", site["keys"]["engineer"])
+    page.wait_for_selector(f"#queue li[data-inspection='{second}']")
+    assert page.eval_on_selector_all("#queue li", "items => items.map(li => li.dataset.inspection)") == [
+        str(first),
+        str(second),
+    ]
+    held: list[Any] = []  # A's heat map requests, answered when the test says so
+    page.route(f"**/review/inspections/{first}/cells/*/*/heatmap", lambda route: held.append(route))
+    page.keyboard.press("j")
+    page.wait_for_selector(f"#queue li.current[data-inspection='{first}']")
+    page.keyboard.press("h")
+    page.wait_for_function("() => document.getElementById('heat-note').textContent === 'computing…'")
+    for _ in range(200):
+        if held:
+            break
+        page.wait_for_timeout(25)
+    assert len(held) == 1
+    page.keyboard.press("j")  # on to B before A's heat map came
+    page.wait_for_selector(f"#queue li.current[data-inspection='{second}']")
+    assert "row 1, col 1" in page.text_content("#cell-facts")
+
+    with page.expect_response(lambda response: "/heatmap" in response.url) as late:
+        held[0].continue_()  # A's heat map arrives now, B on show
+    assert late.value.ok and late.value.finished() is None
+    page.wait_for_timeout(500)  # the page reads it and decodes its image in milliseconds
+    assert page.text_content("#heat-note") == "Press h for the selected cell."
+    assert not page.evaluate(HEAT_DRAWN), "A's heat map was drawn over module B"
+    assert page.get_attribute("#heat", "data-heat") is None
+    page.unroute(f"**/review/inspections/{first}/cells/*/*/heatmap")
+
+    page.keyboard.press("h")  # B's own heat map is drawn
+    page.wait_for_function("() => document.getElementById('heat-note').textContent.includes('p=')")
+    assert page.text_content("#heat-note").startswith("cell 1,1: p=")
+    assert page.get_attribute("#heat", "data-heat") == f"{second}:1,1"
+    assert page.evaluate(HEAT_DRAWN)
+
+    # an answer that is not JSON says so in the heat note, not as an exception
+    page.route(
+        f"**/review/inspections/{second}/cells/*/*/heatmap",
+        lambda route: route.fulfill(status=200, content_type="application/json", body="<html>proxy"),
+    )
+    page.keyboard.press("h")
+    page.wait_for_function("() => document.getElementById('heat-note').textContent.startsWith('No heat map')")
+    assert "could not be read" in page.text_content("#heat-note")
+    assert page.text_content("#status") == ""
+    page.close()
 
 
 def test_a_frame_that_is_gone_reads_as_text_not_a_broken_image(

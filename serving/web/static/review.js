@@ -19,6 +19,10 @@
     // again); error, why it cannot be shown (the server's text); gone, why the server said 410 (the
     // frame is not stored): no heat map is asked for then
     frame: null,
+    // each module opened and each heat map asked for takes a new number; an answer that arrives
+    // when a newer one was asked for is dropped, or module A could be drawn over module B
+    opening: 0,
+    heating: 0,
   };
   const $ = (id) => document.getElementById(id);
   const key = (r, c) => `${r},${c}`;
@@ -95,7 +99,10 @@
   // -- one module ---------------------------------------------------------------------------------
 
   async function openInspection(id, keepSelection = false) {
-    state.open = await pvqc.api(`/review/inspections/${id}`);
+    const ticket = ++state.opening;
+    const open = await pvqc.api(`/review/inspections/${id}`);
+    if (ticket !== state.opening) return; // j / k opened another module meanwhile
+    state.open = open;
     // a reload after a save keeps what the page learned of the frame; opening a module asks afresh
     if (!keepSelection || state.frame?.id !== id) state.frame = null;
     history.replaceState(null, "", `#inspection=${id}`);
@@ -399,15 +406,16 @@
       }),
       note: $("note").value.trim() || null,
     };
-    const id = state.open.inspection.inspection_id;
+    const { inspection_id: id, serial } = state.open.inspection;
+    const ticket = state.opening;
     try {
       const saved = await pvqc.api(`/review/inspections/${id}/decisions`, {
         method: "POST",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify(body),
       });
-      await openInspection(id, true);
-      $("status").textContent = `saved ${saved.length} decision(s) for ${state.open.inspection.serial}`;
+      if (ticket === state.opening) await openInspection(id, true); // unless j / k moved on meanwhile
+      $("status").textContent = `saved ${saved.length} decision(s) for ${serial}`;
       const item = state.queue.find((q) => q.inspection_id === id);
       if (item && body.module) item.reviewed = { verdict: body.module };
       drawQueue();
@@ -419,13 +427,21 @@
   // -- heat map -----------------------------------------------------------------------------------
 
   function clearHeat() {
+    state.heating++; // a heat map still on its way is for the module left
     const canvas = $("heat");
     canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    delete canvas.dataset.heat;
     $("heat-note").textContent = "Press h for the selected cell.";
   }
 
   async function heat() {
     if (!state.open || !state.selected) return;
+    // every answer below is dropped once another module is open or another heat map asked for
+    const ticket = ++state.heating;
+    const current = () => ticket === state.heating;
+    const say = (text) => {
+      if (current()) $("heat-note").textContent = text;
+    };
     const [r, c] = state.selected;
     const o = state.open.inspection;
     if (o.frame_pruned_at) {
@@ -438,14 +454,14 @@
       $("heat-note").textContent = `No heat map: ${learned.gone}`;
       return;
     }
-    $("heat-note").textContent = "computing…";
+    say("computing…");
     let response;
     try {
       response = await fetch(`/review/inspections/${o.inspection_id}/cells/${r}/${c}/heatmap`, {
         credentials: "same-origin",
       });
     } catch (error) {
-      $("heat-note").textContent = `No heat map: ${error.message}`;
+      say(`No heat map: ${error.message}`);
       return;
     }
     if (response.status === 401) {
@@ -460,14 +476,23 @@
         if (state.frame?.id === o.inspection_id) state.frame.gone = error;
         else state.frame = { id: o.inspection_id, gone: error };
       }
-      $("heat-note").textContent = `No heat map: ${error}`;
+      say(`No heat map: ${error}`);
       return;
     }
-    const map = await response.json();
+    let map;
+    try {
+      map = await response.json();
+    } catch {
+      say("No heat map: the server's answer could not be read");
+      return;
+    }
+    if (!current()) return;
     const canvas = $("heat");
     const ctx = canvas.getContext("2d");
     const img = new Image();
+    img.onerror = () => say("No heat map: the cell image could not be shown");
     img.onload = () => {
+      if (!current()) return;
       ctx.imageSmoothingEnabled = true;
       ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
       const [h, w] = [map.cam.length, map.cam[0].length];
@@ -483,7 +508,8 @@
       ctx.drawImage(small, 0, 0, canvas.width, canvas.height); // smoothed: the map is coarse
       // a half cell is judged beside its mirror image: say so, or the doubled picture puzzles
       const half = map.views > 1 ? " (half cell beside its mirror image, as the network judged it)" : "";
-      $("heat-note").textContent = `cell ${r},${c}: p=${map.probability.toFixed(3)}${half}; red where the network saw a defect`;
+      canvas.dataset.heat = `${o.inspection_id}:${r},${c}`; // what is drawn: module and cell
+      say(`cell ${r},${c}: p=${map.probability.toFixed(3)}${half}; red where the network saw a defect`);
     };
     img.src = map.cell_png;
   }
