@@ -870,13 +870,10 @@ def valleys_along(strengths: np.ndarray, expected: np.ndarray, window: int) -> l
     prior = 1.0 - 0.3 * ((candidates - expected[:, None]) / window) ** 2
     weighted = np.where(inside, strengths[rows[:, None], np.clip(candidates, 1, length - 2)] * prior, -np.inf)
     at = np.clip(candidates[rows, np.argmax(weighted, axis=1)], 1, length - 2)
-    left, centre, right = strengths[rows, at - 1], strengths[rows, at], strengths[rows, at + 1]
-    curvature = left - 2 * centre + right
-    peaked = curvature < -1e-9
-    shift = np.where(peaked, 0.5 * (left - right) / np.where(peaked, curvature, -1.0), 0.0)
-    positions = np.where(inside.any(axis=1), at + np.clip(shift, -0.5, 0.5), expected)
-    found = np.where(inside.any(axis=1), centre, 0.0)
-    return [(float(x), float(c)) for x, c in zip(positions, found, strict=True)]
+    positions, centre = refined_valleys(strengths, at)
+    searched = inside.any(axis=1)  # a window off the profile finds nothing, as in band_valleys
+    positions, centre = np.where(searched, positions, expected), np.where(searched, centre, 0.0)
+    return [(float(x), float(c)) for x, c in zip(positions, centre, strict=True)]
 
 
 def band_valleys(strengths: np.ndarray, expected: float, window: int) -> list[tuple[float, float]]:
@@ -890,14 +887,20 @@ def band_valleys(strengths: np.ndarray, expected: float, window: int) -> list[tu
     offsets = np.arange(lo, hi) - expected
     # A mild pull towards the even position: a busbar as dark as the gap loses to the gap.
     prior = 1.0 - 0.3 * (offsets / window) ** 2
-    rows = np.arange(bands)
     at = np.argmax(strengths[:, lo:hi] * prior[None, :], axis=1) + lo
+    positions, centre = refined_valleys(strengths, at)
+    return [(float(x), float(c)) for x, c in zip(positions, centre, strict=True)]
+
+
+def refined_valleys(strengths: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each band's valley at column `at` (1 .. length-2): its sub-pixel position, from a parabola through
+    it and its neighbours, and its strength."""
+    rows = np.arange(len(at))
     left, centre, right = strengths[rows, at - 1], strengths[rows, at], strengths[rows, at + 1]
     curvature = left - 2 * centre + right
     peaked = curvature < -1e-9
     shift = np.where(peaked, 0.5 * (left - right) / np.where(peaked, curvature, -1.0), 0.0)
-    positions = at + np.clip(shift, -0.5, 0.5)
-    return [(float(x), float(c)) for x, c in zip(positions, centre, strict=True)]
+    return at + np.clip(shift, -0.5, 0.5), centre
 
 
 def fit_line(
