@@ -111,7 +111,7 @@ def prune_frames_cli(argv: list[str]) -> int:
     from sqlalchemy.orm import sessionmaker
 
     from serving.db import make_engine, schema_behind, utcnow
-    from serving.export_reviewed import check_store, error_line
+    from serving.export_reviewed import check_store, unreadable_database
     from serving.retention import prune_frames, retention_cutoff, would_prune
     from serving.settings import Settings
     from serving.store import FrameStore
@@ -178,10 +178,7 @@ def prune_frames_cli(argv: list[str]) -> int:
         finally:
             engine.dispose()
     except SQLAlchemyError as exc:
-        return prune_failed(
-            f"cannot read the service's database at {shown}: {error_line(exc)}; expected the database of "
-            "a pvqc service (check --var-dir, --database-url or PVQC_DATABASE_URL)"
-        )
+        return prune_failed(unreadable_database(shown, exc))
     except OSError as exc:  # the pass itself counts a file it cannot delete and goes on
         return prune_failed(f"cannot read the frame folder {settings.resolved_frames_dir}: {exc}")
     output = {

@@ -377,6 +377,14 @@ def error_line(exc: BaseException) -> str:
     return lines[0] if lines else type(cause).__name__
 
 
+def unreadable_database(shown: str, exc: BaseException) -> str:
+    """The one-line error of a command that could not read the service's database at `shown`."""
+    return (
+        f"cannot read the service's database at {shown}: {error_line(exc)}; expected the database of "
+        "a pvqc service (check --var-dir, --database-url or PVQC_DATABASE_URL)"
+    )
+
+
 def cli(argv: list[str] | None = None) -> int:
     """Exit status: 0 exported (frames the retention policy removed included), 1 exported but some
     stored frames were missing or unreadable, 2 nothing exported."""
@@ -415,10 +423,7 @@ def cli(argv: list[str] | None = None) -> int:
     except ExportError as exc:
         return fail(str(exc))
     except SQLAlchemyError as exc:
-        return fail(
-            f"cannot read the service's database at {shown}: {error_line(exc)}; expected the database of "
-            "a pvqc service (check --var-dir, --database-url or PVQC_DATABASE_URL)"
-        )
+        return fail(unreadable_database(shown, exc))
     result = {
         "out": str(summary.out),
         "cells": summary.cells,

@@ -131,10 +131,6 @@ class FrameStore:
     def path_for(self, digest: str, extension: str) -> Path:
         return self.root / digest[:2] / digest[2:4] / f"{digest}.{extension}"
 
-    def save(self, data: bytes, digest: str, extension: str) -> Path:
-        """Stage and publish at once, for a frame that needs no row to be kept."""
-        return self.stage(data, digest, extension).publish()
-
     def stage(self, data: bytes, digest: str, extension: str) -> StagedFrame:
         """Write and fsync the bytes under a private name in their final folder (not yet findable).
 

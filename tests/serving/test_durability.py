@@ -139,7 +139,7 @@ def test_a_failed_frame_write_leaves_no_temporary_file(
     else:
         monkeypatch.setattr(Path, "replace", disk_full)
     with pytest.raises(OSError, match="No space left"):  # the caller still learns why
-        store.save(b"frame bytes", sha256_hex(b"frame bytes"), "png")
+        store.stage(b"frame bytes", sha256_hex(b"frame bytes"), "png").publish()
     monkeypatch.undo()
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == []  # no orphan .tmp file
 
