@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from model.card import InputSpec, ModelCard, OperatingPoints, TensorSpec, write_card
-from serving.db import Inspection, utcnow
+from serving.db import MIGRATIONS_DIR, Inspection, make_engine, utcnow
 from serving.store import sha256_hex
 
 TINY_SIZE = 32
@@ -151,3 +151,19 @@ def inspection_row(
         created_at=created_at or utcnow(),
         cells=[],
     )
+
+
+def downgrade(url: str, revision: str) -> None:
+    """Take the database at `url` down to an earlier schema revision (Alembic), as an operator would."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    engine = make_engine(url)  # foreign keys on, as the service runs SQLite
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, revision)
+    finally:
+        engine.dispose()

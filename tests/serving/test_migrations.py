@@ -6,9 +6,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import inspect, text
 
 from serving.app import create_app
-from serving.db import MIGRATIONS_DIR, make_engine, upgrade_head
+from serving.db import make_engine, upgrade_head
 from tests.serving.conftest import MakeSettings
-from tests.serving.helpers import AUTH, DARK
+from tests.serving.helpers import AUTH, DARK, downgrade
 from tests.serving.test_review import decide, post
 
 TABLES = ("inspections", "inspection_cells", "review_decisions")
@@ -26,17 +26,20 @@ def row_counts(url: str) -> dict[str, int]:
         engine.dispose()
 
 
-def downgrade(url: str, revision: str) -> None:
-    from alembic import command
-    from alembic.config import Config
+def stored_reviewed_module(make_settings: MakeSettings, database_url: str) -> dict[str, int]:
+    """Post one module and decide it, through the service; the row counts that must survive."""
+    with TestClient(create_app(make_settings(database_url=database_url)), headers=AUTH) as client:
+        inspection = post(client, "M1", DARK)
+        assert decide(client, inspection, {"module": "FAIL"}).status_code == 201
+    stored = row_counts(database_url)
+    assert stored == {"inspections": 1, "inspection_cells": 60, "review_decisions": 1}
+    return stored
 
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    engine = make_engine(url)  # foreign keys on, as the service runs SQLite
+
+def migrate_to_head(url: str) -> None:
+    engine = make_engine(url)
     try:
-        with engine.begin() as connection:
-            config.attributes["connection"] = connection
-            command.downgrade(config, revision)
+        upgrade_head(engine)
     finally:
         engine.dispose()
 
@@ -44,18 +47,12 @@ def downgrade(url: str, revision: str) -> None:
 def test_rolling_back_the_geometry_notes_keeps_every_row(
     make_settings: MakeSettings, database_url: str
 ) -> None:
-    with TestClient(create_app(make_settings(database_url=database_url)), headers=AUTH) as client:
-        inspection = post(client, "M1", DARK)
-        assert decide(client, inspection, {"module": "FAIL"}).status_code == 201
-    stored = row_counts(database_url)
-    assert stored == {"inspections": 1, "inspection_cells": 60, "review_decisions": 1}
+    stored = stored_reviewed_module(make_settings, database_url)
     # SQLite rebuilt the table to drop a column, and its DROP TABLE deleted every cell through the
     # foreign keys (or failed on the review decisions' key)
     downgrade(database_url, "0003")
     assert row_counts(database_url) == stored
-    engine = make_engine(database_url)
-    upgrade_head(engine)
-    engine.dispose()
+    migrate_to_head(database_url)
     assert row_counts(database_url) == stored
 
 
@@ -83,18 +80,13 @@ def columns_and_indexes(url: str, table: str) -> tuple[set[str], set[str]]:
 def test_rolling_back_the_frame_retention_column_keeps_every_row(
     make_settings: MakeSettings, database_url: str
 ) -> None:
-    with TestClient(create_app(make_settings(database_url=database_url)), headers=AUTH) as client:
-        inspection = post(client, "M1", DARK)
-        assert decide(client, inspection, {"module": "FAIL"}).status_code == 201
-    stored = row_counts(database_url)
+    stored = stored_reviewed_module(make_settings, database_url)
     columns, indexes = columns_and_indexes(database_url, "inspections")
     assert "frame_pruned_at" in columns and "ix_inspections_unpruned_verdict_created" in indexes
     downgrade(database_url, "0004")
     assert row_counts(database_url) == stored
     columns, indexes = columns_and_indexes(database_url, "inspections")
     assert "frame_pruned_at" not in columns and "ix_inspections_unpruned_verdict_created" not in indexes
-    engine = make_engine(database_url)
-    upgrade_head(engine)
-    engine.dispose()
+    migrate_to_head(database_url)
     assert row_counts(database_url) == stored
     assert "frame_pruned_at" in columns_and_indexes(database_url, "inspections")[0]
